@@ -213,7 +213,7 @@ ensure_postgres() {
 
 # psql with the options every script wants.
 pg_psql() {
-  psql -X -q -v ON_ERROR_STOP=1 "$@"
+  PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 "$@"
 }
 
 # Apply schema/schema.sql (idempotent) to the given URL, default $DATABASE_URL.
