@@ -1,0 +1,356 @@
+//! `GET /{Type}/$dump`: every resource of a type as ndjson, streamed page by page.
+//!
+//! Pages use keyset pagination on the primary key (`id > $last ORDER BY id LIMIT n`): each
+//! page is one indexed range scan wherever the dump is, unlike OFFSET, and needs no server-side
+//! state between queries. A page is bounded twice:
+//! - by rows (`LIMIT n`, with `n` adapted from the sizes seen so far), and
+//! - by bytes, inside the query: a running `sum(pg_column_size(resource))` keeps only the rows
+//!   that start within the page budget. This holds even when sizes jump (a run of 5 MB
+//!   resources after tiny ones), so a result never nears Spin's 128 MiB cap, and the first row
+//!   always passes, so a single resource larger than the budget still goes out.
+//!
+//! The last row of a full `LIMIT` window is always returned (without its resource when over
+//! budget) as a marker: "the window was full, there may be more". Without it, a short page
+//! could mean either the end of the table or a byte cut, and telling them apart would cost a
+//! query.
+//!
+//! The first page is read before the response starts, so a missing table (404), an
+//! unreachable database (503) or a bad filter still get a real status; after that, a failure
+//! aborts the body.
+
+use crate::config::Config;
+use crate::db::{quote_ident, Db, Param, Value};
+use crate::encode::{LineEncoder, RowMeta};
+use crate::http::{BodyWriter, Reply, Request, StreamBody};
+use crate::outcome::ApiError;
+use crate::output::PageOutput;
+use crate::params::Params;
+use crate::route::table_name;
+
+/// What to dump, from the path and query.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DumpQuery {
+    pub type_name: String,
+    /// `_since`: only resources with `ts > since`.
+    pub since: Option<String>,
+    /// `_until`: only resources with `ts <= until`.
+    pub until: Option<String>,
+    /// `_count`: at most this many lines.
+    pub count: Option<u64>,
+    /// `_after`: resume strictly after this id.
+    pub after: Option<String>,
+    /// `_upto`: stop at this id, inclusive (for parallel ranges).
+    pub upto: Option<String>,
+    /// `fhir=true`: `application/fhir+ndjson` and the creation time as a meta extension.
+    pub fhir: bool,
+    pub gzip: bool,
+}
+
+impl DumpQuery {
+    pub fn parse(type_name: &str, req: &Request) -> Result<DumpQuery, ApiError> {
+        let mut p = Params::parse(&req.query)?;
+        let q = DumpQuery {
+            type_name: type_name.to_string(),
+            since: p.take_instant("_since")?,
+            until: p.take_instant("_until")?,
+            count: p.take_u64("_count")?,
+            after: p.take("_after")?,
+            upto: p.take("_upto")?,
+            fhir: p.take_bool("fhir")?.unwrap_or(false),
+            gzip: p.take_bool("gzip")?.unwrap_or(false) || req.accepts_gzip(),
+        };
+        p.finish()?;
+        Ok(q)
+    }
+}
+
+/// Rows per page: from the average stored size seen so far, the page budget, and a floor for
+/// the per-row cost that the byte budget does not see (the id, the meta, the host's row
+/// structures), so that a table of tiny rows does not make pages of millions of rows.
+const MIN_ROW_COST: u64 = 256;
+const FIRST_PAGE_ROWS: u64 = 256;
+const MAX_PAGE_ROWS: u64 = 50_000;
+
+fn next_limit(budget: u64, rows_seen: u64, bytes_seen: u64) -> u64 {
+    if rows_seen == 0 {
+        return FIRST_PAGE_ROWS;
+    }
+    let avg = (bytes_seen / rows_seen).max(MIN_ROW_COST);
+    // A little over the budget's worth of rows, so that pages are normally cut by bytes
+    // (full-size chunks) rather than by count.
+    (budget / avg + budget / avg / 8 + 1).clamp(1, MAX_PAGE_ROWS)
+}
+
+/// The page query. `$1` limit, `$2` byte budget, then the filters, then the cursor.
+fn page_sql(table: &str, q: &DumpQuery, with_cursor: bool) -> String {
+    let mut conds: Vec<String> = Vec::new();
+    let mut n = 2;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    if q.since.is_some() {
+        conds.push(format!("ts > ${}::timestamptz", next()));
+    }
+    if q.until.is_some() {
+        conds.push(format!("ts <= ${}::timestamptz", next()));
+    }
+    if q.upto.is_some() {
+        conds.push(format!("id <= ${}", next()));
+    }
+    if with_cursor || q.after.is_some() {
+        conds.push(format!("id > ${}", next()));
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    format!(
+        "WITH page AS (\
+           SELECT id, txid, ts, cts, resource, pg_column_size(resource) AS size, \
+                  sum(pg_column_size(resource)) OVER w - pg_column_size(resource) AS before, \
+                  row_number() OVER w AS rn \
+           FROM {table} {filter} ORDER BY id LIMIT $1 \
+           WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)) \
+         SELECT id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', \
+                CASE WHEN before < $2 THEN resource::text END, rn, size \
+         FROM page WHERE before < $2 OR rn = $1 ORDER BY id",
+        table = quote_ident(table),
+    )
+}
+
+/// The page loop's state, kept between queries.
+struct Pager<C: Db> {
+    conn: C,
+    first_sql: String,
+    next_sql: String,
+    q: DumpQuery,
+    budget: u64,
+    encoder: LineEncoder,
+    cursor: Option<String>,
+    remaining: Option<u64>,
+    rows_seen: u64,
+    bytes_seen: u64,
+    done: bool,
+}
+
+impl<C: Db> Pager<C> {
+    fn params(&self, limit: u64) -> Vec<Param> {
+        let mut params = vec![Param::Int(limit as i64), Param::Int(self.budget as i64)];
+        for v in [&self.q.since, &self.q.until, &self.q.upto]
+            .into_iter()
+            .flatten()
+        {
+            params.push(Param::Str(v.clone()));
+        }
+        if let Some(c) = self.cursor.as_ref().or(self.q.after.as_ref()) {
+            params.push(Param::Str(c.clone()));
+        }
+        params
+    }
+
+    /// Reads the next page and appends its lines to `buf`. Returns the number of lines.
+    fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<usize, PageError> {
+        if self.done {
+            return Ok(0);
+        }
+        let mut limit = next_limit(self.budget, self.rows_seen, self.bytes_seen);
+        if let Some(r) = self.remaining {
+            limit = limit.min(r);
+        }
+        if limit == 0 {
+            self.done = true;
+            return Ok(0);
+        }
+        let sql = if self.cursor.is_some() {
+            &self.next_sql
+        } else {
+            &self.first_sql
+        };
+        let mut rows = self
+            .conn
+            .query(sql, &self.params(limit))
+            .map_err(PageError::Db)?
+            .rows;
+        let mut lines = 0usize;
+        let mut full_window = false;
+        for row in rows.iter_mut() {
+            let [id, txid, ts, cts, resource, rn, size] = row.as_mut_slice() else {
+                return Err(PageError::Shape("page row has an unexpected shape".into()));
+            };
+            if rn.as_i64() == Some(limit as i64) {
+                full_window = true;
+            }
+            let Value::Str(resource) = resource else {
+                continue; // the over-budget marker row
+            };
+            let (Value::Str(id), Some(txid), Value::DateTime(ts), Value::DateTime(cts)) =
+                (id, txid.as_i64(), ts, cts)
+            else {
+                return Err(PageError::Shape(
+                    "page row has unexpected column types".into(),
+                ));
+            };
+            let meta = RowMeta {
+                id,
+                txid,
+                ts: *ts,
+                cts: *cts,
+            };
+            self.encoder
+                .push_line(buf, &meta, resource)
+                .map_err(PageError::Shape)?;
+            self.bytes_seen += size.as_i64().unwrap_or(0).max(0) as u64;
+            lines += 1;
+        }
+        self.rows_seen += lines as u64;
+        // The cursor moves to the last id written; a marker row is read again next time.
+        if let Some(last) = rows
+            .iter_mut()
+            .rev()
+            .find(|r| matches!(r[4], Value::Str(_)))
+        {
+            self.cursor = last[0].take_string();
+        }
+        if let Some(r) = self.remaining.as_mut() {
+            *r -= (lines as u64).min(*r);
+        }
+        self.done = !full_window || lines == 0 || self.remaining == Some(0);
+        Ok(lines)
+    }
+}
+
+enum PageError {
+    Db(crate::db::DbError),
+    Shape(String),
+}
+
+impl PageError {
+    fn into_api(self, type_name: &str) -> ApiError {
+        match self {
+            PageError::Db(e) if e.sqlstate() == Some("42P01") => {
+                ApiError::not_found(format!("no table for resource type {type_name}"))
+            }
+            PageError::Db(e) => e.into_api(),
+            PageError::Shape(m) => ApiError::internal(m),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            PageError::Db(e) => e.message(),
+            PageError::Shape(m) => m.clone(),
+        }
+    }
+}
+
+/// Starts a dump: everything that can fail with a status happens here, including the first page.
+pub fn start<C: Db + 'static>(conn: C, q: DumpQuery, cfg: &Config) -> Result<Reply, ApiError> {
+    let table = table_name(&q.type_name);
+    let mut pager = Pager {
+        conn,
+        first_sql: page_sql(&table, &q, false),
+        next_sql: page_sql(&table, &q, true),
+        encoder: LineEncoder::new(&q.type_name, q.fhir),
+        budget: cfg.page_bytes,
+        cursor: None,
+        remaining: q.count,
+        rows_seen: 0,
+        bytes_seen: 0,
+        done: false,
+        q,
+    };
+    let mut first = Vec::new();
+    pager
+        .next_page(&mut first)
+        .map_err(|e| e.into_api(&pager.q.type_name))?;
+    let content_type = if pager.q.fhir {
+        "application/fhir+ndjson"
+    } else {
+        "application/ndjson"
+    };
+    let mut headers = vec![("content-type".to_string(), content_type.to_string())];
+    if pager.q.gzip {
+        headers.push(("content-encoding".into(), "gzip".into()));
+    }
+    headers.push(("vary".into(), "accept-encoding".into()));
+    let output = PageOutput::new(pager.q.gzip);
+    Ok(Reply::Stream {
+        status: 200,
+        headers,
+        body: Box::new(DumpStream {
+            pager,
+            first,
+            output,
+        }),
+    })
+}
+
+struct DumpStream<C: Db> {
+    pager: Pager<C>,
+    first: Vec<u8>,
+    output: PageOutput,
+}
+
+impl<C: Db> StreamBody for DumpStream<C> {
+    fn write_to(self: Box<Self>, out: &mut dyn BodyWriter) -> Result<(), String> {
+        let DumpStream {
+            mut pager,
+            first: mut buf,
+            mut output,
+        } = *self;
+        output.page(out, &buf)?;
+        // One buffer for the whole dump: its capacity settles at the largest page.
+        loop {
+            buf.clear();
+            let lines = pager.next_page(&mut buf).map_err(|e| {
+                format!(
+                    "$dump of {} failed mid-stream: {}",
+                    pager.q.type_name,
+                    e.message()
+                )
+            })?;
+            output.page(out, &buf)?;
+            if lines == 0 || pager.done {
+                break;
+            }
+        }
+        output.finish(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_adapt_to_row_size() {
+        assert_eq!(next_limit(4 << 20, 0, 0), FIRST_PAGE_ROWS);
+        // Tiny rows are floored at MIN_ROW_COST.
+        assert_eq!(next_limit(4 << 20, 100, 100 * 40), 18433);
+        // 1 KB rows.
+        assert_eq!(next_limit(4 << 20, 10, 10 * 1024), 4609);
+        // Rows larger than the budget: one per page.
+        assert_eq!(next_limit(4 << 20, 1, 5 << 20), 1);
+        assert_eq!(next_limit(1 << 30, 1, 1), MAX_PAGE_ROWS);
+    }
+
+    #[test]
+    fn sql_numbers_parameters_in_order() {
+        let q = DumpQuery {
+            type_name: "Patient".into(),
+            since: Some("2020-01-01T00:00:00Z".into()),
+            upto: Some("z".into()),
+            ..Default::default()
+        };
+        let first = page_sql("patient", &q, false);
+        assert!(first.contains(
+            "FROM \"patient\" WHERE ts > $3::timestamptz AND id <= $4 ORDER BY id LIMIT $1"
+        ));
+        let next = page_sql("patient", &q, true);
+        assert!(next.contains("AND id <= $4 AND id > $5 ORDER BY id"));
+        let plain = page_sql("patient", &DumpQuery::default(), false);
+        assert!(plain.contains("FROM \"patient\"  ORDER BY id LIMIT $1"));
+    }
+}

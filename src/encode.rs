@@ -1,0 +1,417 @@
+//! Turning stored rows into output lines.
+//!
+//! A row of the Aidbox layout keeps `id`, `txid`, `ts`, `cts` in columns and the rest of the
+//! resource as jsonb. An exported line is the resource with `resourceType`, `id` and `meta`
+//! merged in. PostgreSQL already rendered the jsonb as text (`resource::text`), so the common
+//! case is pure byte splicing: our prefix, then the stored text minus its opening brace. Only a
+//! resource whose text mentions a top-level key we own (`id`, `resourceType`, `meta`) is parsed —
+//! shallowly, borrowing the values as raw JSON — so stored meta fields (profile, tag, security)
+//! survive and no key is ever written twice.
+
+use crate::db::DateTime;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+/// The URL of the `meta.extension` that carries the creation time in FHIR mode (as Aidbox does).
+pub const CREATED_AT_URL: &str = "ex:createdAt";
+
+/// The per-row columns that become `id` and `meta`.
+pub struct RowMeta<'a> {
+    pub id: &'a str,
+    pub txid: i64,
+    pub ts: DateTime,
+    pub cts: DateTime,
+}
+
+/// Writes ndjson lines for one resource type. Built once per request.
+pub struct LineEncoder {
+    /// `{"resourceType":"Patient","id":` — the same for every line.
+    prefix: Vec<u8>,
+    fhir: bool,
+}
+
+impl LineEncoder {
+    /// `fhir`: put the creation time in a `meta.extension` entry (valid FHIR) rather than in
+    /// Aidbox's `meta.createdAt`.
+    pub fn new(resource_type: &str, fhir: bool) -> Self {
+        let mut prefix = b"{\"resourceType\":".to_vec();
+        push_json_str(&mut prefix, resource_type);
+        prefix.extend_from_slice(b",\"id\":");
+        LineEncoder { prefix, fhir }
+    }
+
+    /// Appends one line (with its `\n`) to `out`. Fails only if the stored resource is not a
+    /// JSON object, which the Aidbox layout never produces.
+    pub fn push_line(
+        &self,
+        out: &mut Vec<u8>,
+        row: &RowMeta,
+        resource: &str,
+    ) -> Result<(), String> {
+        let body = resource.trim_start();
+        if !body.starts_with('{') {
+            return Err(format!("resource {:?} is not a JSON object", row.id));
+        }
+        if mentions_owned_key(body) {
+            return self.push_merged(out, row, body);
+        }
+        out.extend_from_slice(&self.prefix);
+        push_json_str(out, row.id);
+        out.extend_from_slice(b",\"meta\":{");
+        self.push_own_meta(out, row);
+        out.push(b'}');
+        let rest = body[1..].trim_start();
+        if !rest.starts_with('}') {
+            out.push(b',');
+        }
+        out.extend_from_slice(rest.as_bytes());
+        out.push(b'\n');
+        Ok(())
+    }
+
+    /// `"versionId":…,"lastUpdated":…,` and the creation time — without braces.
+    fn push_own_meta(&self, out: &mut Vec<u8>, row: &RowMeta) {
+        out.extend_from_slice(b"\"versionId\":\"");
+        out.extend_from_slice(itoa::Buffer::new().format(row.txid).as_bytes());
+        out.extend_from_slice(b"\",\"lastUpdated\":\"");
+        push_instant(out, &row.ts);
+        if self.fhir {
+            out.extend_from_slice(b"\",\"extension\":[");
+            self.push_created_extension(out, row);
+            out.push(b']');
+        } else {
+            out.extend_from_slice(b"\",\"createdAt\":\"");
+            push_instant(out, &row.cts);
+            out.push(b'"');
+        }
+    }
+
+    fn push_created_extension(&self, out: &mut Vec<u8>, row: &RowMeta) {
+        out.extend_from_slice(b"{\"url\":\"");
+        out.extend_from_slice(CREATED_AT_URL.as_bytes());
+        out.extend_from_slice(b"\",\"valueInstant\":\"");
+        push_instant(out, &row.cts);
+        out.extend_from_slice(b"\"}");
+    }
+
+    /// The slow path: the stored resource has (or may have) its own `id`, `resourceType` or
+    /// `meta` at the top level.
+    fn push_merged(&self, out: &mut Vec<u8>, row: &RowMeta, body: &str) -> Result<(), String> {
+        let members = top_level_members(body)
+            .map_err(|e| format!("resource {:?} is not valid JSON: {e}", row.id))?;
+        out.extend_from_slice(&self.prefix);
+        push_json_str(out, row.id);
+        out.extend_from_slice(b",\"meta\":{");
+        self.push_own_meta_merged(
+            out,
+            row,
+            members.iter().find(|(k, _)| k == "meta").map(|(_, v)| *v),
+        );
+        out.push(b'}');
+        for (key, value) in &members {
+            if matches!(key.as_ref(), "id" | "resourceType" | "meta") {
+                continue;
+            }
+            out.push(b',');
+            push_json_str(out, key);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+
+    /// Our meta fields, then whatever else the stored meta had (profile, tag, security, …).
+    fn push_own_meta_merged(&self, out: &mut Vec<u8>, row: &RowMeta, stored: Option<&RawValue>) {
+        let stored: Vec<(Cow<str>, &RawValue)> = stored
+            .and_then(|raw| top_level_members(raw.get()).ok())
+            .unwrap_or_default();
+        if !self.fhir {
+            self.push_own_meta(out, row);
+        } else {
+            // Keep stored extensions other than an older creation time, then add ours.
+            out.extend_from_slice(b"\"versionId\":\"");
+            out.extend_from_slice(itoa::Buffer::new().format(row.txid).as_bytes());
+            out.extend_from_slice(b"\",\"lastUpdated\":\"");
+            push_instant(out, &row.ts);
+            out.extend_from_slice(b"\",\"extension\":[");
+            if let Some((_, ext)) = stored.iter().find(|(k, _)| k == "extension") {
+                if let Ok(list) = serde_json::from_str::<Vec<&RawValue>>(ext.get()) {
+                    for item in list {
+                        let is_created = serde_json::from_str::<UrlOnly>(item.get())
+                            .is_ok_and(|u| u.url.as_deref() == Some(CREATED_AT_URL));
+                        if !is_created {
+                            out.extend_from_slice(item.get().as_bytes());
+                            out.push(b',');
+                        }
+                    }
+                }
+            }
+            self.push_created_extension(out, row);
+            out.push(b']');
+        }
+        for (key, value) in &stored {
+            let ours = matches!(key.as_ref(), "versionId" | "lastUpdated" | "createdAt")
+                || (self.fhir && key == "extension");
+            if !ours {
+                out.push(b',');
+                push_json_str(out, key);
+                out.push(b':');
+                out.extend_from_slice(value.get().as_bytes());
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct UrlOnly<'a> {
+    #[serde(borrow)]
+    url: Option<Cow<'a, str>>,
+}
+
+/// A cheap over-approximation of "the object has a top-level key we write ourselves": any
+/// occurrence of the quoted key followed by a colon. False positives (nested `"id"`) only cost
+/// the slow path, never correctness.
+fn mentions_owned_key(body: &str) -> bool {
+    let b = body.as_bytes();
+    let mut from = 0;
+    while let Some(pos) = memchr_quote_key(&b[from..]) {
+        let at = from + pos;
+        for key in [&b"\"id\""[..], b"\"meta\"", b"\"resourceType\""] {
+            if b[at..].starts_with(key) {
+                let after = b[at + key.len()..]
+                    .iter()
+                    .find(|c| !c.is_ascii_whitespace());
+                if after == Some(&b':') {
+                    return true;
+                }
+            }
+        }
+        from = at + 1;
+    }
+    false
+}
+
+/// Position of the next `"` that starts `"id"`, `"meta"` or `"resourceType"`.
+fn memchr_quote_key(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 3 < b.len() {
+        if b[i] == b'"' && matches!(b[i + 1], b'i' | b'm' | b'r') {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The members of a JSON object in their stored order, values kept as raw JSON text.
+pub fn top_level_members(json: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::Error> {
+    struct Members;
+    impl<'de> Visitor<'de> for Members {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                let value: &'de RawValue = map.next_value()?;
+                out.push((key, value));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    let members = (&mut de).deserialize_map(Members)?;
+    de.end()?;
+    Ok(members)
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // serde_json writes into a Vec without failing.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// Appends an RFC 3339 UTC instant: `2024-01-31T12:00:00.123Z` (milliseconds) or with
+/// microseconds when the value has them, as PostgreSQL stores microseconds.
+pub fn push_instant(out: &mut Vec<u8>, t: &DateTime) {
+    fn two(out: &mut Vec<u8>, v: u8) {
+        out.push(b'0' + v / 10);
+        out.push(b'0' + v % 10);
+    }
+    let year = t.year.clamp(0, 9999) as u32;
+    out.push(b'0' + (year / 1000) as u8);
+    out.push(b'0' + (year / 100 % 10) as u8);
+    out.push(b'0' + (year / 10 % 10) as u8);
+    out.push(b'0' + (year % 10) as u8);
+    out.push(b'-');
+    two(out, t.month);
+    out.push(b'-');
+    two(out, t.day);
+    out.push(b'T');
+    two(out, t.hour);
+    out.push(b':');
+    two(out, t.minute);
+    out.push(b':');
+    two(out, t.second);
+    out.push(b'.');
+    let micros = t.nanosecond / 1000;
+    let (value, digits) = if micros % 1000 == 0 {
+        (micros / 1000, 3)
+    } else {
+        (micros, 6)
+    };
+    let mut buf = [b'0'; 6];
+    let mut v = value;
+    for slot in buf[..digits].iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out.extend_from_slice(&buf[..digits]);
+    out.push(b'Z');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const TS: DateTime = DateTime {
+        year: 2024,
+        month: 1,
+        day: 31,
+        hour: 12,
+        minute: 5,
+        second: 9,
+        nanosecond: 123_456_000,
+    };
+    const CTS: DateTime = DateTime {
+        year: 2023,
+        month: 12,
+        day: 1,
+        hour: 0,
+        minute: 0,
+        second: 0,
+        nanosecond: 0,
+    };
+
+    fn line(fhir: bool, id: &str, resource: &str) -> String {
+        let enc = LineEncoder::new("Patient", fhir);
+        let mut out = Vec::new();
+        let row = RowMeta {
+            id,
+            txid: 42,
+            ts: TS,
+            cts: CTS,
+        };
+        enc.push_line(&mut out, &row, resource).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn fast_path_splices_text() {
+        let l = line(
+            false,
+            "p1",
+            r#"{"name": [{"family": "John"}], "value": 1.50}"#,
+        );
+        assert_eq!(
+            l,
+            "{\"resourceType\":\"Patient\",\"id\":\"p1\",\"meta\":{\"versionId\":\"42\",\"lastUpdated\":\"2024-01-31T12:05:09.123456Z\",\"createdAt\":\"2023-12-01T00:00:00.000Z\"},\"name\": [{\"family\": \"John\"}], \"value\": 1.50}\n"
+        );
+    }
+
+    #[test]
+    fn empty_resource_and_escaped_id() {
+        let l = line(false, "a\"b\\c\u{e9}", "{}");
+        let v: Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["id"], "a\"b\\c\u{e9}");
+        assert_eq!(v.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn fhir_mode_uses_extension() {
+        let v: Value = serde_json::from_str(&line(true, "p", r#"{"a": 1}"#)).unwrap();
+        assert_eq!(
+            v["meta"],
+            json!({"versionId": "42", "lastUpdated": "2024-01-31T12:05:09.123456Z",
+                   "extension": [{"url": "ex:createdAt", "valueInstant": "2023-12-01T00:00:00.000Z"}]})
+        );
+        assert!(v["meta"].get("createdAt").is_none());
+    }
+
+    #[test]
+    fn stored_meta_keeps_profile_and_tag_without_duplicate_keys() {
+        let stored = r#"{"id": "wrong", "meta": {"tag": [{"code": "t"}], "profile": ["http://p"], "versionId": "old", "lastUpdated": "1999-01-01T00:00:00Z"}, "resourceType": "Wrong", "x": {"id": "nested"}}"#;
+        let l = line(false, "p1", stored);
+        // No duplicate keys anywhere: parse as an ordered list of members and count.
+        let members = top_level_members(l.trim_end()).unwrap();
+        let keys: Vec<&str> = members.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(keys, vec!["resourceType", "id", "meta", "x"]);
+        let v: Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["id"], "p1");
+        assert_eq!(v["resourceType"], "Patient");
+        assert_eq!(v["x"]["id"], "nested");
+        assert_eq!(v["meta"]["versionId"], "42");
+        assert_eq!(v["meta"]["lastUpdated"], "2024-01-31T12:05:09.123456Z");
+        assert_eq!(v["meta"]["tag"], json!([{"code": "t"}]));
+        assert_eq!(v["meta"]["profile"], json!(["http://p"]));
+        let meta_keys: Vec<String> = top_level_members(v["meta"].to_string().as_str())
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k.into_owned())
+            .collect();
+        assert_eq!(meta_keys.iter().filter(|k| *k == "versionId").count(), 1);
+    }
+
+    #[test]
+    fn fhir_mode_merges_stored_extensions() {
+        let stored = r#"{"meta": {"extension": [{"url": "ex:createdAt", "valueInstant": "old"}, {"url": "other", "valueString": "keep"}], "security": [1]}}"#;
+        let v: Value = serde_json::from_str(&line(true, "p", stored)).unwrap();
+        assert_eq!(
+            v["meta"]["extension"],
+            json!([{"url": "other", "valueString": "keep"},
+                   {"url": "ex:createdAt", "valueInstant": "2023-12-01T00:00:00.000Z"}])
+        );
+        assert_eq!(v["meta"]["security"], json!([1]));
+    }
+
+    #[test]
+    fn nested_id_takes_slow_path_and_keeps_bytes_of_values() {
+        let stored = r#"{"contained": [{"id": "c1", "n": 1.50}], "big": 12345678901234567890123}"#;
+        let l = line(false, "p", stored);
+        assert!(l.contains("1.50"));
+        assert!(l.contains("12345678901234567890123"));
+    }
+
+    #[test]
+    fn non_object_is_an_error() {
+        let enc = LineEncoder::new("Patient", false);
+        let row = RowMeta {
+            id: "x",
+            txid: 1,
+            ts: TS,
+            cts: CTS,
+        };
+        assert!(enc.push_line(&mut Vec::new(), &row, "[1]").is_err());
+    }
+
+    #[test]
+    fn detects_owned_keys() {
+        assert!(mentions_owned_key(r#"{"id": 1}"#));
+        assert!(mentions_owned_key(r#"{"a": {"meta" : 1}}"#));
+        assert!(!mentions_owned_key(
+            r#"{"identifier": [], "resource": "id"}"#
+        ));
+        assert!(!mentions_owned_key(r#"{"name": "meta"}"#));
+    }
+}

@@ -1,0 +1,135 @@
+//! Which endpoint a request is for. Only the path decides; method checks happen here too so
+//! that every endpoint answers 405 (with `Allow`) the same way.
+
+use crate::http::Request;
+use crate::outcome::ApiError;
+use percent_encoding::percent_decode_str;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /{Type}/$dump`
+    Dump { type_name: String },
+}
+
+/// `^[A-Z][A-Za-z0-9]{0,63}$` — a resource type, and so (lower-cased) a table name.
+pub fn valid_type_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_uppercase()
+        && b.iter().all(u8::is_ascii_alphanumeric)
+}
+
+/// The table that stores a resource type (Aidbox's layout: the lower-cased name).
+pub fn table_name(type_name: &str) -> String {
+    type_name.to_ascii_lowercase()
+}
+
+pub fn route(req: &Request) -> Result<Route, ApiError> {
+    let segments: Vec<String> = req
+        .path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ApiError::bad_request("the path is not valid UTF-8"))
+        })
+        .collect::<Result<_, _>>()?;
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segs.as_slice() {
+        [type_name, "$dump"] => {
+            let type_name = resource_type(type_name)?;
+            allow(req, &["GET"])?;
+            Ok(Route::Dump { type_name })
+        }
+        _ => Err(ApiError::not_found(format!("no endpoint at {}", req.path))),
+    }
+}
+
+fn resource_type(s: &str) -> Result<String, ApiError> {
+    if valid_type_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(ApiError::not_found(format!(
+            "{s:?} is not a resource type (expected a name like Patient: a capital letter, then up to 63 letters or digits)"
+        )))
+    }
+}
+
+fn allow(req: &Request, methods: &[&str]) -> Result<(), ApiError> {
+    if methods.contains(&req.method.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::method_not_allowed(
+            &req.method,
+            &methods.join(", "),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::BytesBody;
+
+    fn req(method: &str, path: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            query: String::new(),
+            headers: vec![],
+            body: Box::new(BytesBody(None)),
+        }
+    }
+
+    #[test]
+    fn type_names() {
+        assert!(valid_type_name("Patient"));
+        assert!(valid_type_name("MedicationRequest"));
+        assert!(valid_type_name(&format!("A{}", "b".repeat(63))));
+        assert!(!valid_type_name(&format!("A{}", "b".repeat(64))));
+        for bad in [
+            "",
+            "patient",
+            "Pat-ient",
+            "Pat ient",
+            "Pat;drop",
+            "Patient\"",
+            "Päti",
+        ] {
+            assert!(!valid_type_name(bad), "{bad}");
+        }
+        assert_eq!(table_name("MedicationRequest"), "medicationrequest");
+    }
+
+    #[test]
+    fn routes_dump_with_plain_or_encoded_dollar() {
+        for p in ["/Patient/$dump", "/Patient/%24dump", "/Patient/$dump/"] {
+            assert_eq!(
+                route(&req("GET", p)).unwrap(),
+                Route::Dump {
+                    type_name: "Patient".into()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn dump_errors() {
+        assert_eq!(
+            route(&req("POST", "/Patient/$dump")).unwrap_err().status,
+            405
+        );
+        assert_eq!(
+            route(&req("GET", "/patient/$dump")).unwrap_err().status,
+            404
+        );
+        assert_eq!(
+            route(&req("GET", "/Pa%22tient/$dump")).unwrap_err().status,
+            404
+        );
+        assert_eq!(route(&req("GET", "/nothing")).unwrap_err().status, 404);
+    }
+}

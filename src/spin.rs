@@ -1,0 +1,283 @@
+//! The thin layer on spin-sdk: the only code that touches Spin's interfaces.
+//!
+//! - [`SpinPlatform`] implements [`Platform`] with Spin variables and `spin_sdk::pg4`
+//!   (spin:postgres@4.0.0), moving values out of Spin's row sets without copying their bytes.
+//! - [`handle_request`] adapts wasi:http: the request body is read through the raw
+//!   `InputStream`, and a streaming response is written through the raw `OutputStream` of
+//!   `OutgoingBody::write()`, because spin-sdk's `take_body()` sink finishes the body when
+//!   dropped and so cannot report a failure. Here the body is finished only when the stream
+//!   succeeded; on failure it is dropped unfinished, which Spin turns into an aborted
+//!   transfer (curl exit 18) instead of a response that looks complete.
+
+use crate::db::{Column, DateTime, Db, DbError, Param, Platform, Rows, Value};
+use crate::http::{BodyReader, BodyWriter, Reply, Request};
+use spin_sdk::http::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use spin_sdk::pg4::{self, DbDataType, DbValue, ParameterValue};
+use spin_sdk::wit::wasi::http0_2_0::types::IncomingBody;
+use wasi::io::streams::{InputStream, OutputStream, StreamError};
+
+struct SpinPlatform;
+
+struct SpinConn(pg4::Connection);
+
+impl Platform for SpinPlatform {
+    type Conn = SpinConn;
+
+    fn variable(&self, name: &str) -> Option<String> {
+        spin_sdk::variables::get(name).ok()
+    }
+
+    fn connect(&self, address: &str) -> Result<SpinConn, DbError> {
+        pg4::Connection::open(address)
+            .map(SpinConn)
+            .map_err(db_error)
+    }
+}
+
+impl Db for SpinConn {
+    fn query(&mut self, sql: &str, params: &[Param]) -> Result<Rows, DbError> {
+        let set = self.0.query(sql, &parameters(params)).map_err(db_error)?;
+        Ok(Rows {
+            columns: set
+                .columns
+                .into_iter()
+                .map(|c| Column {
+                    kind: kind_name(&c.data_type),
+                    name: c.name,
+                })
+                .collect(),
+            rows: set
+                .rows
+                .into_iter()
+                .map(|r| r.into_iter().map(value).collect())
+                .collect(),
+        })
+    }
+
+    fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, DbError> {
+        self.0.execute(sql, &parameters(params)).map_err(db_error)
+    }
+}
+
+fn parameters(params: &[Param]) -> Vec<ParameterValue> {
+    params
+        .iter()
+        .map(|p| match p {
+            Param::Null => ParameterValue::DbNull,
+            Param::Bool(b) => ParameterValue::Boolean(*b),
+            Param::Int(i) => ParameterValue::Int64(*i),
+            Param::Float(f) => ParameterValue::Floating64(*f),
+            Param::Str(s) => ParameterValue::Str(s.clone()),
+        })
+        .collect()
+}
+
+fn value(v: DbValue) -> Value {
+    match v {
+        DbValue::DbNull => Value::Null,
+        DbValue::Boolean(b) => Value::Bool(b),
+        DbValue::Int8(i) => Value::Int(i.into()),
+        DbValue::Int16(i) => Value::Int(i.into()),
+        DbValue::Int32(i) => Value::Int(i.into()),
+        DbValue::Int64(i) => Value::Int(i),
+        DbValue::Floating32(f) => Value::Float(f.into()),
+        DbValue::Floating64(f) => Value::Float(f),
+        DbValue::Str(s) => Value::Str(s),
+        DbValue::Binary(b) | DbValue::Unsupported(b) => Value::Bytes(b),
+        DbValue::Datetime((year, month, day, hour, minute, second, nanosecond)) => {
+            Value::DateTime(DateTime {
+                year,
+                month,
+                day,
+                hour,
+                minute,
+                second,
+                nanosecond,
+            })
+        }
+        _ => Value::Other,
+    }
+}
+
+fn kind_name(t: &DbDataType) -> String {
+    match t {
+        DbDataType::Other(name) => format!("other({name})"),
+        other => format!("{other:?}").to_ascii_lowercase(),
+    }
+}
+
+fn db_error(e: pg4::PgError) -> DbError {
+    use pg4::{PgError, QueryError};
+    match e {
+        PgError::ConnectionFailed(m) => DbError::Connect(m),
+        PgError::QueryFailed(QueryError::DbError(d)) => {
+            let position = d
+                .extras
+                .iter()
+                .find(|(k, _)| k == "position")
+                .map(|(_, v)| v.clone());
+            DbError::Sql {
+                code: d.code,
+                message: d.message,
+                detail: d.detail,
+                position,
+            }
+        }
+        PgError::QueryFailed(QueryError::Text(m)) => DbError::Other(m),
+        PgError::BadParameter(m) => DbError::Other(format!("bad parameter: {m}")),
+        PgError::ValueConversionFailed(m) => {
+            DbError::Other(format!("value conversion failed: {m}"))
+        }
+        PgError::Other(m) => DbError::Other(m),
+    }
+}
+
+/// Reads the request body straight from its wasi stream, a piece at a time.
+struct IncomingBodyReader {
+    // Field order matters: the stream must be dropped before the body it belongs to.
+    stream: Option<InputStream>,
+    _body: Option<IncomingBody>,
+}
+
+impl BodyReader for IncomingBodyReader {
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Ok(None);
+        };
+        loop {
+            match stream.blocking_read(64 * 1024) {
+                Ok(bytes) if bytes.is_empty() => continue,
+                Ok(bytes) => return Ok(Some(bytes)),
+                Err(StreamError::Closed) => {
+                    self.stream = None;
+                    return Ok(None);
+                }
+                Err(StreamError::LastOperationFailed(e)) => return Err(e.to_debug_string()),
+            }
+        }
+    }
+}
+
+/// Writes a streaming body through the raw output stream, waiting for capacity as needed.
+struct StreamWriter<'a>(&'a OutputStream);
+
+impl BodyWriter for StreamWriter<'_> {
+    fn write(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        let fail = |e: StreamError| match e {
+            StreamError::Closed => "the client went away".to_string(),
+            StreamError::LastOperationFailed(e) => e.to_debug_string(),
+        };
+        while !bytes.is_empty() {
+            let permitted = self.0.check_write().map_err(fail)?;
+            if permitted == 0 {
+                self.0.subscribe().block();
+                continue;
+            }
+            let n = (permitted as usize).min(bytes.len());
+            self.0.write(&bytes[..n]).map_err(fail)?;
+            bytes = &bytes[n..];
+        }
+        self.0.flush().map_err(fail)
+    }
+}
+
+fn request(req: IncomingRequest) -> Request {
+    let method = req.method().to_string();
+    let path_query = req.path_with_query().unwrap_or_else(|| "/".into());
+    let (path, query) = match path_query.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (path_query, String::new()),
+    };
+    let headers = req
+        .headers()
+        .entries()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.to_ascii_lowercase(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect();
+    let (body, stream) = match req.consume() {
+        Ok(body) => {
+            let stream = body.stream().ok();
+            (Some(body), stream)
+        }
+        Err(()) => (None, None),
+    };
+    Request {
+        method,
+        path,
+        query,
+        headers,
+        body: Box::new(IncomingBodyReader {
+            stream,
+            _body: body,
+        }),
+    }
+}
+
+fn fields(headers: &[(String, String)]) -> Fields {
+    let list: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+        .collect();
+    Fields::from_list(&list).unwrap_or_else(|_| Fields::new())
+}
+
+#[spin_sdk::http_component]
+async fn handle_request(req: IncomingRequest, out: ResponseOutparam) {
+    let reply = crate::handle(&SpinPlatform, request(req));
+    match reply {
+        Reply::Full {
+            status,
+            headers,
+            body,
+        } => {
+            let mut headers = headers;
+            headers.push(("content-length".into(), body.len().to_string()));
+            let response = OutgoingResponse::new(fields(&headers));
+            let _ = response.set_status_code(status);
+            let Ok(outgoing) = response.body() else {
+                return;
+            };
+            out.set(response);
+            if let Ok(stream) = outgoing.write() {
+                let ok = StreamWriter(&stream).write(&body).is_ok();
+                drop(stream);
+                if ok {
+                    let _ = OutgoingBody::finish(outgoing, None);
+                }
+            }
+        }
+        Reply::Stream {
+            status,
+            headers,
+            body,
+        } => {
+            let response = OutgoingResponse::new(fields(&headers));
+            let _ = response.set_status_code(status);
+            let Ok(outgoing) = response.body() else {
+                return;
+            };
+            out.set(response);
+            let Ok(stream) = outgoing.write() else {
+                return;
+            };
+            let result = body.write_to(&mut StreamWriter(&stream));
+            drop(stream);
+            match result {
+                Ok(()) => {
+                    let _ = OutgoingBody::finish(outgoing, None);
+                }
+                Err(e) => {
+                    // Dropping `outgoing` unfinished aborts the transfer: the client must not
+                    // take a truncated stream for a complete one.
+                    eprintln!("spin-bulk: stream aborted: {e}");
+                    drop(outgoing);
+                }
+            }
+        }
+    }
+}
