@@ -9,6 +9,8 @@ pub struct Config {
     /// Target size of one page (one query, one chunk), in stored bytes.
     pub page_bytes: u64,
     pub statement_timeout_ms: u64,
+    /// The secret of the built-in `admin` client; `None` when unset (no admin).
+    pub admin_secret: Option<String>,
 }
 
 impl Config {
@@ -21,6 +23,7 @@ impl Config {
             db_url,
             page_bytes: number(p, "page_bytes", 4 << 20, 1024..=(64 << 20))?,
             statement_timeout_ms: number(p, "statement_timeout_ms", 300_000, 0..=86_400_000)?,
+            admin_secret: p.variable("admin_secret").filter(|s| !s.is_empty()),
         })
     }
 
@@ -31,7 +34,7 @@ impl Config {
         let mut conn = p.connect(&self.db_url).map_err(DbError::into_api)?;
         conn.execute(
             &format!("SET statement_timeout = {}", self.statement_timeout_ms),
-            &[],
+            Vec::new(),
         )
         .map_err(DbError::into_api)?;
         Ok(conn)

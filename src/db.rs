@@ -69,6 +69,8 @@ pub enum Param {
     Int(i64),
     Float(f64),
     Str(String),
+    /// A `text[]` (Spin's `array-str`): how batches of ids and documents travel in one query.
+    StrArray(Vec<String>),
 }
 
 /// A column of a result: its name and the type Spin announced (`str`, `int64`, `other(json)`, …).
@@ -168,9 +170,12 @@ impl std::fmt::Display for DbError {
 }
 
 /// One open connection (one pooled connection in Spin, held until dropped).
+///
+/// Parameters are taken by value: the Spin layer moves them into Spin's parameter values, so a
+/// batch of documents is never copied on its way out.
 pub trait Db {
-    fn query(&mut self, sql: &str, params: &[Param]) -> Result<Rows, DbError>;
-    fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, DbError>;
+    fn query(&mut self, sql: &str, params: Vec<Param>) -> Result<Rows, DbError>;
+    fn execute(&mut self, sql: &str, params: Vec<Param>) -> Result<u64, DbError>;
 }
 
 /// What the component needs from its platform: configuration and connections.
@@ -179,6 +184,8 @@ pub trait Platform {
     /// A Spin variable; `None` when undefined.
     fn variable(&self, name: &str) -> Option<String>;
     fn connect(&self, address: &str) -> Result<Self::Conn, DbError>;
+    /// Cryptographically secure random bytes (salts).
+    fn random_bytes(&self, n: usize) -> Vec<u8>;
 }
 
 /// Quotes an identifier for SQL. Callers only pass names already validated by

@@ -20,7 +20,7 @@
 
 use crate::config::Config;
 use crate::db::{quote_ident, Db, Param, Value};
-use crate::encode::{LineEncoder, RowMeta};
+use crate::encode::{resource_text_sql, LineEncoder};
 use crate::http::{BodyWriter, Reply, Request, StreamBody};
 use crate::outcome::ApiError;
 use crate::output::PageOutput;
@@ -82,7 +82,8 @@ fn next_limit(budget: u64, rows_seen: u64, bytes_seen: u64) -> u64 {
 }
 
 /// The page query. `$1` limit, `$2` byte budget, then the filters, then the cursor.
-fn page_sql(table: &str, q: &DumpQuery, with_cursor: bool) -> String {
+fn page_sql(q: &DumpQuery, with_cursor: bool) -> String {
+    let table = table_name(&q.type_name);
     let mut conds: Vec<String> = Vec::new();
     let mut n = 2;
     let mut next = || {
@@ -114,9 +115,10 @@ fn page_sql(table: &str, q: &DumpQuery, with_cursor: bool) -> String {
            FROM {table} {filter} ORDER BY id LIMIT $1 \
            WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)) \
          SELECT id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', \
-                CASE WHEN before < $2 THEN resource::text END, rn, size \
+                CASE WHEN before < $2 THEN {resource} END, rn, size \
          FROM page WHERE before < $2 OR rn = $1 ORDER BY id",
-        table = quote_ident(table),
+        table = quote_ident(&table),
+        resource = resource_text_sql(&q.type_name),
     )
 }
 
@@ -170,39 +172,20 @@ impl<C: Db> Pager<C> {
         };
         let mut rows = self
             .conn
-            .query(sql, &self.params(limit))
+            .query(sql, self.params(limit))
             .map_err(PageError::Db)?
             .rows;
         let mut lines = 0usize;
         let mut full_window = false;
-        for row in rows.iter_mut() {
-            let [id, txid, ts, cts, resource, rn, size] = row.as_mut_slice() else {
-                return Err(PageError::Shape("page row has an unexpected shape".into()));
-            };
-            if rn.as_i64() == Some(limit as i64) {
+        for row in &rows {
+            if row.get(5).and_then(Value::as_i64) == Some(limit as i64) {
                 full_window = true;
             }
-            let Value::Str(resource) = resource else {
-                continue; // the over-budget marker row
-            };
-            let (Value::Str(id), Some(txid), Value::DateTime(ts), Value::DateTime(cts)) =
-                (id, txid.as_i64(), ts, cts)
-            else {
-                return Err(PageError::Shape(
-                    "page row has unexpected column types".into(),
-                ));
-            };
-            let meta = RowMeta {
-                id,
-                txid,
-                ts: *ts,
-                cts: *cts,
-            };
-            self.encoder
-                .push_line(buf, &meta, resource)
-                .map_err(PageError::Shape)?;
-            self.bytes_seen += size.as_i64().unwrap_or(0).max(0) as u64;
-            lines += 1;
+            // The over-budget marker row has a NULL resource and writes nothing.
+            if self.encoder.push_row(buf, row).map_err(PageError::Shape)? {
+                self.bytes_seen += row.get(6).and_then(Value::as_i64).unwrap_or(0).max(0) as u64;
+                lines += 1;
+            }
         }
         self.rows_seen += lines as u64;
         // The cursor moves to the last id written; a marker row is read again next time.
@@ -247,11 +230,10 @@ impl PageError {
 
 /// Starts a dump: everything that can fail with a status happens here, including the first page.
 pub fn start<C: Db + 'static>(conn: C, q: DumpQuery, cfg: &Config) -> Result<Reply, ApiError> {
-    let table = table_name(&q.type_name);
     let mut pager = Pager {
         conn,
-        first_sql: page_sql(&table, &q, false),
-        next_sql: page_sql(&table, &q, true),
+        first_sql: page_sql(&q, false),
+        next_sql: page_sql(&q, true),
         encoder: LineEncoder::new(&q.type_name, q.fhir),
         budget: cfg.page_bytes,
         cursor: None,
@@ -344,13 +326,19 @@ mod tests {
             upto: Some("z".into()),
             ..Default::default()
         };
-        let first = page_sql("patient", &q, false);
+        let first = page_sql(&q, false);
         assert!(first.contains(
             "FROM \"patient\" WHERE ts > $3::timestamptz AND id <= $4 ORDER BY id LIMIT $1"
         ));
-        let next = page_sql("patient", &q, true);
+        let next = page_sql(&q, true);
         assert!(next.contains("AND id <= $4 AND id > $5 ORDER BY id"));
-        let plain = page_sql("patient", &DumpQuery::default(), false);
+        let plain = page_sql(
+            &DumpQuery {
+                type_name: "Patient".into(),
+                ..Default::default()
+            },
+            false,
+        );
         assert!(plain.contains("FROM \"patient\"  ORDER BY id LIMIT $1"));
     }
 }

@@ -8,7 +8,7 @@
 //! shallowly, borrowing the values as raw JSON — so stored meta fields (profile, tag, security)
 //! survive and no key is ever written twice.
 
-use crate::db::DateTime;
+use crate::db::{DateTime, Value};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -16,6 +16,25 @@ use std::fmt;
 
 /// The URL of the `meta.extension` that carries the creation time in FHIR mode (as Aidbox does).
 pub const CREATED_AT_URL: &str = "ex:createdAt";
+
+/// The select list that [`LineEncoder::push_row`] reads, for a table aliased or not.
+/// Timestamps come as plain UTC timestamps: a bare timestamptz fails the whole query on Spin.
+pub fn row_columns(type_name: &str) -> String {
+    format!(
+        "id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', {}",
+        resource_text_sql(type_name)
+    )
+}
+
+/// The resource as PostgreSQL's own JSON text. A Client's `secret` (a hash) never leaves the
+/// database.
+pub fn resource_text_sql(type_name: &str) -> &'static str {
+    if type_name == "Client" {
+        "(resource - 'secret')::text"
+    } else {
+        "resource::text"
+    }
+}
 
 /// The per-row columns that become `id` and `meta`.
 pub struct RowMeta<'a> {
@@ -40,6 +59,29 @@ impl LineEncoder {
         push_json_str(&mut prefix, resource_type);
         prefix.extend_from_slice(b",\"id\":");
         LineEncoder { prefix, fhir }
+    }
+
+    /// Appends the line of a row selected with [`row_columns`] (id, txid, ts, cts, resource).
+    /// Returns `Ok(false)` without writing when the resource is NULL.
+    pub fn push_row(&self, out: &mut Vec<u8>, row: &[Value]) -> Result<bool, String> {
+        let [id, txid, ts, cts, resource, ..] = row else {
+            return Err("row has too few columns".into());
+        };
+        let Value::Str(resource) = resource else {
+            return Ok(false);
+        };
+        let (Value::Str(id), Some(txid), Value::DateTime(ts), Value::DateTime(cts)) =
+            (id, txid.as_i64(), ts, cts)
+        else {
+            return Err("row has unexpected column types".into());
+        };
+        let meta = RowMeta {
+            id,
+            txid,
+            ts: *ts,
+            cts: *cts,
+        };
+        self.push_line(out, &meta, resource).map(|()| true)
     }
 
     /// Appends one line (with its `\n`) to `out`. Fails only if the stored resource is not a

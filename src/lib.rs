@@ -2,12 +2,14 @@
 //!
 //! The request path, step by step (see ARCHITECTURE.md):
 //! `spin` (the only module that touches spin-sdk) turns the wasi:http request into an
-//! [`http::Request`] → [`route`] picks the endpoint → the endpoint module (`dump`, …) checks
-//! parameters, opens the database through [`db::Platform`] and returns an [`http::Reply`] →
-//! `spin` writes it, streaming page by page and aborting the body if a page fails.
+//! [`http::Request`] → [`auth`] checks the Basic credentials (one query loads the client and its
+//! policies) → [`route`] picks the endpoint → [`auth::authorize`] applies the AccessPolicies →
+//! the endpoint module (`dump`, `rest`, …) runs and returns an [`http::Reply`] → `spin` writes
+//! it, streaming page by page and aborting the body if a page fails.
 //!
 //! Everything but `spin` is plain Rust that builds and unit-tests natively.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod dump;
@@ -16,15 +18,21 @@ pub mod http;
 pub mod outcome;
 pub mod output;
 pub mod params;
+pub mod policy;
+pub mod resource;
+pub mod rest;
 pub mod route;
+pub mod store;
 
 #[cfg(target_arch = "wasm32")]
 mod spin;
 
+use auth::Principal;
 use db::Platform;
 use http::{Reply, Request};
 use outcome::ApiError;
 use route::Route;
+use serde_json::{json, Map, Value};
 
 /// Handles one request. Never panics on bad input: every failure is an [`ApiError`] reply.
 pub fn handle<P: Platform>(platform: &P, req: Request) -> Reply
@@ -37,16 +45,54 @@ where
     }
 }
 
-fn dispatch<P: Platform>(platform: &P, req: Request) -> Result<Reply, ApiError>
+fn dispatch<P: Platform>(platform: &P, mut req: Request) -> Result<Reply, ApiError>
 where
     P::Conn: 'static,
 {
-    match route::route(&req)? {
+    // No endpoint answers without credentials, not even with a 404.
+    let (client_id, secret) = auth::credentials(req.header("authorization"))?;
+    let cfg = config::Config::load(platform)?;
+    let mut conn = cfg.connect(platform)?;
+    let principal =
+        auth::authenticate(&mut conn, cfg.admin_secret.as_deref(), &client_id, &secret)?;
+    let route = route::route(&req)?;
+    auth::authorize(
+        &principal,
+        &request_object(&req, &principal)?,
+        route.guard(),
+    )?;
+    match route {
         Route::Dump { type_name } => {
             let q = dump::DumpQuery::parse(&type_name, &req)?;
-            let cfg = config::Config::load(platform)?;
-            let conn = cfg.connect(platform)?;
             dump::start(conn, q, &cfg)
         }
+        Route::Put => {
+            params::Params::parse(&req.query)?.finish()?;
+            rest::put(&mut conn, &mut req, &mut || platform.random_bytes(16))
+        }
+        Route::Read { type_name, id } => {
+            params::Params::parse(&req.query)?.finish()?;
+            rest::read(&mut conn, &type_name, &id)
+        }
+        Route::Delete { type_name, id } => {
+            params::Params::parse(&req.query)?.finish()?;
+            rest::delete(&mut conn, &type_name, &id)
+        }
     }
+}
+
+/// The request as AccessPolicies see it (Aidbox's shape): lower-case method, the decoded path
+/// as `uri`, the query parameters, and the client.
+fn request_object(req: &Request, p: &Principal) -> Result<Value, ApiError> {
+    let mut params = Map::new();
+    for part in req.query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        params.insert(params::decode(k)?, Value::String(params::decode(v)?));
+    }
+    Ok(json!({
+        "request-method": req.method.to_ascii_lowercase(),
+        "uri": route::decoded_path(req)?,
+        "params": params,
+        "client": {"id": p.client_id},
+    }))
 }

@@ -9,6 +9,19 @@ use percent_encoding::percent_decode_str;
 pub enum Route {
     /// `GET /{Type}/$dump`
     Dump { type_name: String },
+    /// `PUT /`
+    Put,
+    /// `GET /{Type}/{id}`
+    Read { type_name: String, id: String },
+    /// `DELETE /{Type}/{id}`
+    Delete { type_name: String, id: String },
+}
+
+impl Route {
+    /// What authorization the endpoint needs beyond authentication.
+    pub fn guard(&self) -> crate::auth::Guard {
+        crate::auth::Guard::Policy
+    }
 }
 
 /// `^[A-Z][A-Za-z0-9]{0,63}$` — a resource type, and so (lower-cased) a table name.
@@ -25,9 +38,13 @@ pub fn table_name(type_name: &str) -> String {
     type_name.to_ascii_lowercase()
 }
 
-pub fn route(req: &Request) -> Result<Route, ApiError> {
-    let segments: Vec<String> = req
-        .path
+/// The path with its segments percent-decoded (`/Patient/%24dump` → `/Patient/$dump`).
+pub fn decoded_path(req: &Request) -> Result<String, ApiError> {
+    Ok(format!("/{}", segments(req)?.join("/")))
+}
+
+fn segments(req: &Request) -> Result<Vec<String>, ApiError> {
+    req.path
         .split('/')
         .filter(|s| !s.is_empty())
         .map(|s| {
@@ -36,13 +53,34 @@ pub fn route(req: &Request) -> Result<Route, ApiError> {
                 .map(|c| c.into_owned())
                 .map_err(|_| ApiError::bad_request("the path is not valid UTF-8"))
         })
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+pub fn route(req: &Request) -> Result<Route, ApiError> {
+    let segments = segments(req)?;
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match segs.as_slice() {
         [type_name, "$dump"] => {
             let type_name = resource_type(type_name)?;
             allow(req, &["GET"])?;
             Ok(Route::Dump { type_name })
+        }
+        [] => {
+            allow(req, &["PUT"])?;
+            Ok(Route::Put)
+        }
+        [_, op] if op.starts_with('$') => {
+            Err(ApiError::not_found(format!("unknown operation {op}")))
+        }
+        [type_name, id] => {
+            let type_name = resource_type(type_name)?;
+            allow(req, &["GET", "DELETE"])?;
+            let id = id.to_string();
+            Ok(if req.method == "GET" {
+                Route::Read { type_name, id }
+            } else {
+                Route::Delete { type_name, id }
+            })
         }
         _ => Err(ApiError::not_found(format!("no endpoint at {}", req.path))),
     }

@@ -32,10 +32,14 @@ impl Platform for SpinPlatform {
             .map(SpinConn)
             .map_err(db_error)
     }
+
+    fn random_bytes(&self, n: usize) -> Vec<u8> {
+        wasi::random::random::get_random_bytes(n as u64)
+    }
 }
 
 impl Db for SpinConn {
-    fn query(&mut self, sql: &str, params: &[Param]) -> Result<Rows, DbError> {
+    fn query(&mut self, sql: &str, params: Vec<Param>) -> Result<Rows, DbError> {
         let set = self.0.query(sql, &parameters(params)).map_err(db_error)?;
         Ok(Rows {
             columns: set
@@ -54,20 +58,21 @@ impl Db for SpinConn {
         })
     }
 
-    fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, DbError> {
+    fn execute(&mut self, sql: &str, params: Vec<Param>) -> Result<u64, DbError> {
         self.0.execute(sql, &parameters(params)).map_err(db_error)
     }
 }
 
-fn parameters(params: &[Param]) -> Vec<ParameterValue> {
+fn parameters(params: Vec<Param>) -> Vec<ParameterValue> {
     params
-        .iter()
+        .into_iter()
         .map(|p| match p {
             Param::Null => ParameterValue::DbNull,
-            Param::Bool(b) => ParameterValue::Boolean(*b),
-            Param::Int(i) => ParameterValue::Int64(*i),
-            Param::Float(f) => ParameterValue::Floating64(*f),
-            Param::Str(s) => ParameterValue::Str(s.clone()),
+            Param::Bool(b) => ParameterValue::Boolean(b),
+            Param::Int(i) => ParameterValue::Int64(i),
+            Param::Float(f) => ParameterValue::Floating64(f),
+            Param::Str(s) => ParameterValue::Str(s),
+            Param::StrArray(v) => ParameterValue::ArrayStr(v.into_iter().map(Some).collect()),
         })
         .collect()
 }

@@ -1,0 +1,188 @@
+//! Writing resources: the one write path behind `PUT /` and `$load`.
+//!
+//! A write runs inside a transaction the caller opened ([`Tx::begin`]), takes one txid from
+//! `transaction_id_seq` for the whole transaction, and upserts batches of documents with one
+//! statement per batch: ids and JSON texts travel as two `text[]` parameters, are unnested and
+//! cast to jsonb *in SQL* (Spin's jsonb parameter would round numbers through f64), and
+//! `id`/`resourceType` and the server-owned meta fields are stripped there too. Tables for new
+//! types are created in the same transaction, so a failed write leaves no trace.
+
+use crate::db::{quote_ident, Db, DbError, Param, Rows};
+use crate::route::table_name;
+use std::collections::{HashMap, HashSet};
+
+/// The Aidbox layout for one resource type. Keep in step with `schema/schema.sql`.
+pub fn create_table_sql(type_name: &str) -> String {
+    let table = quote_ident(&table_name(type_name));
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\
+           id text PRIMARY KEY, \
+           txid bigint NOT NULL, \
+           cts timestamptz NOT NULL DEFAULT now(), \
+           ts timestamptz NOT NULL DEFAULT now(), \
+           resource_type text NOT NULL DEFAULT '{type_name}', \
+           status text NOT NULL, \
+           resource jsonb NOT NULL)"
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Insert, or update in place when the id exists.
+    Upsert,
+    /// Insert; an existing id is an error.
+    Insert,
+}
+
+/// An open write transaction.
+pub struct Tx {
+    pub txid: i64,
+    tables: HashSet<String>,
+}
+
+impl Tx {
+    /// `BEGIN` and take the transaction's txid.
+    pub fn begin<C: Db>(conn: &mut C) -> Result<Tx, DbError> {
+        conn.execute("BEGIN", Vec::new())?;
+        let rows = conn.query("SELECT nextval('transaction_id_seq')", Vec::new())?;
+        let txid = rows
+            .rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|v| v.as_i64())
+            .ok_or_else(|| DbError::Other("nextval returned no number".into()))?;
+        Ok(Tx {
+            txid,
+            tables: HashSet::new(),
+        })
+    }
+
+    pub fn commit<C: Db>(self, conn: &mut C) -> Result<(), DbError> {
+        conn.execute("COMMIT", Vec::new()).map(|_| ())
+    }
+
+    /// Rolls back; errors are ignored (the connection may be the thing that failed, and Spin's
+    /// pool discards a broken connection anyway).
+    pub fn rollback<C: Db>(conn: &mut C) {
+        let _ = conn.execute("ROLLBACK", Vec::new());
+    }
+
+    /// Makes sure the type's table exists (once per type per transaction).
+    pub fn ensure_table<C: Db>(&mut self, conn: &mut C, type_name: &str) -> Result<(), DbError> {
+        if self.tables.contains(type_name) {
+            return Ok(());
+        }
+        // Skip the DDL (and its lock) when the table is already there, the common case.
+        let exists = conn.query(
+            "SELECT to_regclass($1) IS NOT NULL",
+            vec![Param::Str(quote_ident(&table_name(type_name)))],
+        )?;
+        let present = matches!(
+            exists.rows.first().and_then(|r| r.first()),
+            Some(crate::db::Value::Bool(true))
+        );
+        if !present {
+            conn.execute(&create_table_sql(type_name), Vec::new())?;
+        }
+        self.tables.insert(type_name.to_string());
+        Ok(())
+    }
+
+    /// Writes one batch of `(id, json)` documents of one type. Within the batch a repeated id
+    /// keeps its last document (one statement cannot touch a row twice). With `returning`,
+    /// answers the stored rows in the dump's column shape (see [`crate::dump`]).
+    pub fn write<C: Db>(
+        &mut self,
+        conn: &mut C,
+        type_name: &str,
+        docs: Vec<(String, String)>,
+        mode: Mode,
+        returning: bool,
+    ) -> Result<Rows, DbError> {
+        self.ensure_table(conn, type_name)?;
+        let docs = last_wins(docs);
+        let (ids, texts): (Vec<String>, Vec<String>) = docs.into_iter().unzip();
+        let table = quote_ident(&table_name(type_name));
+        let conflict = match mode {
+            Mode::Upsert => {
+                "ON CONFLICT (id) DO UPDATE SET txid = excluded.txid, ts = excluded.ts, \
+                 status = 'updated', resource_type = excluded.resource_type, \
+                 resource = excluded.resource"
+            }
+            Mode::Insert => "",
+        };
+        let ret = if returning {
+            // Secrets are hashes, but even hashes stay in the database.
+            "RETURNING id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', \
+             (resource - 'secret')::text"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "INSERT INTO {table} AS t (id, txid, cts, ts, resource_type, status, resource) \
+             SELECT u.id, $3, now(), now(), $4, 'created', \
+                    (d - 'id' - 'resourceType' - 'meta') || \
+                    CASE WHEN jsonb_typeof(d->'meta') = 'object' \
+                          AND (d->'meta') - 'versionId' - 'lastUpdated' - 'createdAt' <> '{{}}'::jsonb \
+                         THEN jsonb_build_object('meta', (d->'meta') - 'versionId' - 'lastUpdated' - 'createdAt') \
+                         ELSE '{{}}'::jsonb END \
+             FROM unnest($1::text[], $2::text[]) AS u(id, doc) \
+             CROSS JOIN LATERAL (SELECT u.doc::jsonb AS d) j \
+             {conflict} {ret}"
+        );
+        let params = vec![
+            Param::StrArray(ids),
+            Param::StrArray(texts),
+            Param::Int(self.txid),
+            Param::Str(type_name.to_string()),
+        ];
+        if returning {
+            conn.query(&sql, params)
+        } else {
+            let n = conn.execute(&sql, params)?;
+            Ok(Rows {
+                columns: Vec::new(),
+                rows: vec![vec![crate::db::Value::Int(n as i64)]],
+            })
+        }
+    }
+}
+
+/// Keeps the last document of each id, in the order of their last occurrence.
+fn last_wins(docs: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(docs.len());
+    for (i, (id, _)) in docs.iter().enumerate() {
+        last.insert(id.as_str(), i);
+    }
+    if last.len() == docs.len() {
+        return docs;
+    }
+    let keep: HashSet<usize> = last.into_values().collect();
+    docs.into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, d)| d)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_ids_keep_the_last_document() {
+        let d = |id: &str, v: &str| (id.to_string(), v.to_string());
+        assert_eq!(
+            last_wins(vec![d("a", "1"), d("b", "2"), d("a", "3")]),
+            vec![d("b", "2"), d("a", "3")]
+        );
+        assert_eq!(last_wins(vec![d("a", "1")]), vec![d("a", "1")]);
+    }
+
+    #[test]
+    fn table_ddl_matches_the_aidbox_layout() {
+        let sql = create_table_sql("MedicationRequest");
+        assert!(sql.contains("\"medicationrequest\""));
+        assert!(sql.contains("resource_type text NOT NULL DEFAULT 'MedicationRequest'"));
+    }
+}
