@@ -15,6 +15,7 @@ pub mod db;
 pub mod dump;
 pub mod encode;
 pub mod http;
+pub mod load;
 pub mod outcome;
 pub mod output;
 pub mod params;
@@ -22,6 +23,7 @@ pub mod policy;
 pub mod resource;
 pub mod rest;
 pub mod route;
+pub mod sql;
 pub mod store;
 
 #[cfg(target_arch = "wasm32")]
@@ -65,6 +67,11 @@ where
         Route::Dump { type_name } => {
             let q = dump::DumpQuery::parse(&type_name, &req)?;
             dump::start(conn, q, &cfg)
+        }
+        Route::DumpSql => sql::dump_sql(conn, &mut req, &cfg),
+        Route::Sql => sql::console(&mut conn, &mut req),
+        Route::Load { type_name } => {
+            load::load(platform, &mut conn, &mut req, type_name.as_deref(), &cfg)
         }
         Route::Put => {
             params::Params::parse(&req.query)?.finish()?;

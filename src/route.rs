@@ -9,6 +9,12 @@ use percent_encoding::percent_decode_str;
 pub enum Route {
     /// `GET /{Type}/$dump`
     Dump { type_name: String },
+    /// `POST /$dump-sql`
+    DumpSql,
+    /// `POST /$sql` (the read-write DB console)
+    Sql,
+    /// `POST /$load` and `POST /{Type}/$load`
+    Load { type_name: Option<String> },
     /// `PUT /`
     Put,
     /// `GET /{Type}/{id}`
@@ -20,7 +26,11 @@ pub enum Route {
 impl Route {
     /// What authorization the endpoint needs beyond authentication.
     pub fn guard(&self) -> crate::auth::Guard {
-        crate::auth::Guard::Policy
+        match self {
+            Route::DumpSql => crate::auth::Guard::Explicit,
+            Route::Sql => crate::auth::Guard::Admin,
+            _ => crate::auth::Guard::Policy,
+        }
     }
 }
 
@@ -64,6 +74,25 @@ pub fn route(req: &Request) -> Result<Route, ApiError> {
             let type_name = resource_type(type_name)?;
             allow(req, &["GET"])?;
             Ok(Route::Dump { type_name })
+        }
+        ["$dump-sql"] => {
+            allow(req, &["POST"])?;
+            Ok(Route::DumpSql)
+        }
+        ["$sql"] => {
+            allow(req, &["POST"])?;
+            Ok(Route::Sql)
+        }
+        ["$load"] => {
+            allow(req, &["POST"])?;
+            Ok(Route::Load { type_name: None })
+        }
+        [type_name, "$load"] => {
+            let type_name = resource_type(type_name)?;
+            allow(req, &["POST"])?;
+            Ok(Route::Load {
+                type_name: Some(type_name),
+            })
         }
         [] => {
             allow(req, &["PUT"])?;
