@@ -11,6 +11,8 @@ pub struct Config {
     pub statement_timeout_ms: u64,
     /// The secret of the built-in `admin` client; `None` when unset (no admin).
     pub admin_secret: Option<String>,
+    /// The longest ndjson line `$load` accepts.
+    pub max_line_bytes: u64,
 }
 
 impl Config {
@@ -24,6 +26,7 @@ impl Config {
             page_bytes: number(p, "page_bytes", 4 << 20, 1024..=(64 << 20))?,
             statement_timeout_ms: number(p, "statement_timeout_ms", 300_000, 0..=86_400_000)?,
             admin_secret: p.variable("admin_secret").filter(|s| !s.is_empty()),
+            max_line_bytes: number(p, "max_line_bytes", 16 << 20, 1024..=(256 << 20))?,
         })
     }
 

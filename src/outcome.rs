@@ -15,8 +15,10 @@ pub struct ApiError {
     pub diagnostics: String,
     /// Extra response headers (e.g. `Allow` for 405, `WWW-Authenticate` for 401).
     pub headers: Vec<(String, String)>,
-    /// Extra `issue[0].details`-style fields (SQLSTATE, position) kept for the client.
+    /// FHIRPath-ish locations of the problem (`_count`, `line 7`, `[2]`).
     pub expression: Vec<String>,
+    /// Further issues of the same kind: (diagnostics, expression), e.g. more bad lines.
+    pub more: Vec<(String, String)>,
 }
 
 impl ApiError {
@@ -27,6 +29,7 @@ impl ApiError {
             diagnostics: diagnostics.into(),
             headers: Vec::new(),
             expression: Vec::new(),
+            more: Vec::new(),
         }
     }
 
@@ -66,6 +69,11 @@ impl ApiError {
         self
     }
 
+    pub fn with_issue(mut self, diagnostics: String, expression: String) -> Self {
+        self.more.push((diagnostics, expression));
+        self
+    }
+
     fn severity(&self) -> &'static str {
         if self.status >= 500 {
             "fatal"
@@ -84,9 +92,18 @@ impl ApiError {
         if !self.expression.is_empty() {
             issue["expression"] = json!(self.expression);
         }
+        let mut issues = vec![issue];
+        for (diagnostics, expression) in &self.more {
+            issues.push(json!({
+                "severity": self.severity(),
+                "code": self.code,
+                "diagnostics": diagnostics,
+                "expression": [expression],
+            }));
+        }
         let outcome = json!({
             "resourceType": "OperationOutcome",
-            "issue": [issue],
+            "issue": issues,
         });
         // Serialising a Value built from strings cannot fail.
         serde_json::to_vec(&outcome).unwrap_or_default()
