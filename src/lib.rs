@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod dump;
 pub mod encode;
+pub mod export;
 pub mod http;
 pub mod load;
 pub mod outcome;
@@ -73,6 +74,13 @@ where
         Route::Load { type_name } => {
             load::load(platform, &mut conn, &mut req, type_name.as_deref(), &cfg)
         }
+        Route::ExportKickoff { patient } => {
+            export::kickoff(&mut conn, &mut req, &principal, patient)
+        }
+        Route::ExportStatus { job } => export::status(&mut conn, &req, &principal, &job),
+        Route::ExportFile { job, part } => export::file(conn, &req, &principal, &job, &part, &cfg),
+        Route::DumpRanges { type_name } => export::dump_ranges(&mut conn, &req, &type_name),
+        Route::Metadata => export::metadata(&req),
         Route::Put => {
             params::Params::parse(&req.query)?.finish()?;
             rest::put(&mut conn, &mut req, &mut || platform.random_bytes(16))

@@ -15,6 +15,16 @@ pub enum Route {
     Sql,
     /// `POST /$load` and `POST /{Type}/$load`
     Load { type_name: Option<String> },
+    /// `GET|POST /$export` (system) and `GET|POST /Patient/$export` (patient compartment)
+    ExportKickoff { patient: bool },
+    /// `GET|DELETE /$export-status/{job}`
+    ExportStatus { job: String },
+    /// `GET /$export-file/{job}/{part}`: one output file of a job, streamed on download
+    ExportFile { job: String, part: String },
+    /// `GET /{Type}/$dump-ranges?parts=N`
+    DumpRanges { type_name: String },
+    /// `GET /metadata`
+    Metadata,
     /// `PUT /`
     Put,
     /// `GET /{Type}/{id}`
@@ -82,6 +92,36 @@ pub fn route(req: &Request) -> Result<Route, ApiError> {
         ["$sql"] => {
             allow(req, &["POST"])?;
             Ok(Route::Sql)
+        }
+        ["$export"] => {
+            allow(req, &["GET", "POST"])?;
+            Ok(Route::ExportKickoff { patient: false })
+        }
+        ["Patient", "$export"] => {
+            allow(req, &["GET", "POST"])?;
+            Ok(Route::ExportKickoff { patient: true })
+        }
+        ["$export-status", job] => {
+            allow(req, &["GET", "DELETE"])?;
+            Ok(Route::ExportStatus {
+                job: job.to_string(),
+            })
+        }
+        ["$export-file", job, part] => {
+            allow(req, &["GET"])?;
+            Ok(Route::ExportFile {
+                job: job.to_string(),
+                part: part.to_string(),
+            })
+        }
+        ["metadata"] => {
+            allow(req, &["GET"])?;
+            Ok(Route::Metadata)
+        }
+        [type_name, "$dump-ranges"] => {
+            let type_name = resource_type(type_name)?;
+            allow(req, &["GET"])?;
+            Ok(Route::DumpRanges { type_name })
         }
         ["$load"] => {
             allow(req, &["POST"])?;
