@@ -186,6 +186,15 @@ pub trait Platform {
     fn connect(&self, address: &str) -> Result<Self::Conn, DbError>;
     /// Cryptographically secure random bytes (salts).
     fn random_bytes(&self, n: usize) -> Vec<u8>;
+    /// `GET url` through the platform's outbound HTTP (Spin checks `allowed_outbound_hosts`).
+    fn fetch(&self, url: &str) -> Result<Fetched, String>;
+}
+
+/// A fetched response: its status, whether it is gzip-encoded, and its body as a stream.
+pub struct Fetched {
+    pub status: u16,
+    pub gzip: bool,
+    pub body: Box<dyn crate::http::BodyReader>,
 }
 
 /// Quotes an identifier for SQL. Callers only pass names already validated by

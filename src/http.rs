@@ -28,6 +28,14 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The media type of the body, lower case, without parameters (`""` when absent).
+    pub fn content_type(&self) -> String {
+        self.header("content-type")
+            .and_then(|c| c.split(';').next())
+            .map(|c| c.trim().to_ascii_lowercase())
+            .unwrap_or_default()
+    }
+
     /// Whether the client accepts a gzip-encoded response (`Accept-Encoding: gzip`, not `q=0`).
     pub fn accepts_gzip(&self) -> bool {
         self.header("accept-encoding")

@@ -16,16 +16,7 @@ const PUT_BODY_LIMIT: usize = 32 << 20;
 
 /// The entries of a `PUT /` body: a JSON array, or a YAML sequence, by Content-Type.
 fn entries(req: &mut Request) -> Result<Vec<String>, ApiError> {
-    let content_type = req
-        .header("content-type")
-        .map(|c| {
-            c.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
+    let content_type = req.content_type();
     let body = read_body(req.body.as_mut(), PUT_BODY_LIMIT)?;
     match content_type.as_str() {
         "application/json" | "application/fhir+json" => {

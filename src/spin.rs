@@ -9,11 +9,11 @@
 //!   succeeded; on failure it is dropped unfinished, which Spin turns into an aborted
 //!   transfer (curl exit 18) instead of a response that looks complete.
 
-use crate::db::{Column, DateTime, Db, DbError, Param, Platform, Rows, Value};
+use crate::db::{Column, DateTime, Db, DbError, Fetched, Param, Platform, Rows, Value};
 use crate::http::{BodyReader, BodyWriter, Reply, Request};
 use spin_sdk::http::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
 use spin_sdk::pg4::{self, DbDataType, DbValue, ParameterValue};
-use spin_sdk::wit::wasi::http0_2_0::types::IncomingBody;
+use spin_sdk::wit::wasi::http0_2_0::types::{IncomingBody, IncomingResponse};
 use wasi::io::streams::{InputStream, OutputStream, StreamError};
 
 struct SpinPlatform;
@@ -35,6 +35,57 @@ impl Platform for SpinPlatform {
 
     fn random_bytes(&self, n: usize) -> Vec<u8> {
         wasi::random::random::get_random_bytes(n as u64)
+    }
+
+    fn fetch(&self, url: &str) -> Result<Fetched, String> {
+        use spin_sdk::wit::wasi::http0_2_0::outgoing_handler;
+        use spin_sdk::wit::wasi::http0_2_0::types::{Method, OutgoingRequest, Scheme};
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => return Err(format!("scheme {other} is not supported (http, https)")),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, "/"),
+        };
+        let request = OutgoingRequest::new(Fields::new());
+        let set = request.set_method(&Method::Get).is_ok()
+            && request.set_scheme(Some(&scheme)).is_ok()
+            && request.set_authority(Some(authority)).is_ok()
+            && request.set_path_with_query(Some(path)).is_ok();
+        if !set {
+            return Err(format!("{url:?} is not a valid request URL"));
+        }
+        let future = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+        future.subscribe().block();
+        let response = match future.get() {
+            Some(Ok(Ok(r))) => r,
+            Some(Ok(Err(e))) => return Err(format!("{e:?}")),
+            _ => return Err("no response".into()),
+        };
+        let status = response.status();
+        let gzip = response
+            .headers()
+            .get("content-encoding")
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case(b"gzip"));
+        let body = response
+            .consume()
+            .map_err(|()| "response body unavailable")?;
+        let stream = body.stream().ok();
+        Ok(Fetched {
+            status,
+            gzip,
+            body: Box::new(IncomingBodyReader {
+                stream,
+                _body: Some(body),
+                _response: Some(response),
+            }),
+        })
     }
 }
 
@@ -142,6 +193,8 @@ struct IncomingBodyReader {
     // Field order matters: the stream must be dropped before the body it belongs to.
     stream: Option<InputStream>,
     _body: Option<IncomingBody>,
+    /// For a fetched response: the parent of the body, kept alive until the body is done.
+    _response: Option<IncomingResponse>,
 }
 
 impl BodyReader for IncomingBodyReader {
@@ -219,6 +272,7 @@ fn request(req: IncomingRequest) -> Request {
         body: Box::new(IncomingBodyReader {
             stream,
             _body: body,
+            _response: None,
         }),
     }
 }
