@@ -205,3 +205,22 @@ CREATE TABLE IF NOT EXISTS procedure (
   status        text        NOT NULL,
   resource      jsonb       NOT NULL
 );
+
+-- Bulk Data $export jobs (src/export.rs). Nothing is precomputed: a row only records the
+-- kick-off (who, what, when); the manifest and the files are computed on request. The
+-- component also creates this table on demand (same statement), so older databases work.
+--   id               the job id in the status URL (random uuid)
+--   client_id        the Client that kicked it off (only it, or admin, may read it)
+--   kind             'system' | 'patient'
+--   request          the kick-off URL (the manifest's `request`)
+--   params           _type, _since, _outputFormat and the parameters ignored as lenient
+--   transaction_time the database clock at kick-off (the manifest's transactionTime)
+-- Jobs expire 24 hours after kick-off; kick-off purges expired rows.
+CREATE TABLE IF NOT EXISTS bulk_export (
+  id               text        PRIMARY KEY DEFAULT gen_random_uuid()::text,
+  client_id        text        NOT NULL,
+  kind             text        NOT NULL,
+  request          text        NOT NULL,
+  params           jsonb       NOT NULL,
+  transaction_time timestamptz NOT NULL DEFAULT now()
+);

@@ -44,6 +44,10 @@ pub struct DumpQuery {
     /// `fhir=true`: `application/fhir+ndjson` and the creation time as a meta extension.
     pub fhir: bool,
     pub gzip: bool,
+    /// An extra SQL condition ANDed into the page query, e.g. `$export`'s transaction-time
+    /// and Patient-compartment rules. Built by the server from constants and database-made
+    /// values only, never from request text (it is pasted into SQL as is).
+    pub filter: Option<String>,
 }
 
 impl DumpQuery {
@@ -58,6 +62,7 @@ impl DumpQuery {
             upto: p.take("_upto")?,
             fhir: p.take_bool("fhir")?.unwrap_or(false),
             gzip: p.take_bool("gzip")?.unwrap_or(false) || req.accepts_gzip(),
+            filter: None,
         };
         p.finish()?;
         Ok(q)
@@ -101,6 +106,9 @@ fn page_sql(q: &DumpQuery, with_cursor: bool) -> String {
     }
     if with_cursor || q.after.is_some() {
         conds.push(format!("id > ${}", next()));
+    }
+    if let Some(f) = &q.filter {
+        conds.push(format!("({f})"));
     }
     let filter = if conds.is_empty() {
         String::new()
@@ -340,5 +348,14 @@ mod tests {
             false,
         );
         assert!(plain.contains("FROM \"patient\"  ORDER BY id LIMIT $1"));
+        let filtered = page_sql(
+            &DumpQuery {
+                type_name: "Patient".into(),
+                filter: Some("cts <= now()".into()),
+                ..Default::default()
+            },
+            true,
+        );
+        assert!(filtered.contains("WHERE id > $3 AND (cts <= now()) ORDER BY id"));
     }
 }
