@@ -248,7 +248,12 @@ fn too_many<C: Db>(conn: &mut C, client: &str) -> ApiError {
     let wait = conn
         .query(&sql, vec![Param::Str(client.into())])
         .ok()
-        .and_then(|r| r.rows.first().and_then(|r| r.first()).and_then(Value::as_i64))
+        .and_then(|r| {
+            r.rows
+                .first()
+                .and_then(|r| r.first())
+                .and_then(Value::as_i64)
+        })
         .unwrap_or(60)
         .max(1);
     ApiError::new(
@@ -305,8 +310,11 @@ fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
 /// which only the unsupported parameters (`patient`, …) use.
 fn parameters_body(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     let bad = |why: &str| ApiError::bad_request(format!("the kick-off body: {why}"));
-    let v: Json = serde_json::from_slice(body)
-        .map_err(|e| bad(&format!("not JSON ({e}); expected a FHIR Parameters resource")))?;
+    let v: Json = serde_json::from_slice(body).map_err(|e| {
+        bad(&format!(
+            "not JSON ({e}); expected a FHIR Parameters resource"
+        ))
+    })?;
     if v.get("resourceType").and_then(Json::as_str) != Some("Parameters") {
         return Err(bad("expected a FHIR Parameters resource"));
     }
@@ -379,8 +387,8 @@ impl JobParams {
                     if p.since.is_some() {
                         return Err(repeated(&name));
                     }
-                    let since =
-                        params::instant(&value).map_err(|why| params::invalid(&name, &value, why))?;
+                    let since = params::instant(&value)
+                        .map_err(|why| params::invalid(&name, &value, why))?;
                     p.since = Some(since);
                 }
                 "_type" => {
@@ -503,7 +511,8 @@ pub fn status<C: Db>(
 }
 
 fn load_job<C: Db>(conn: &mut C, who: &Principal, id: &str) -> Result<Job, ApiError> {
-    let missing = || ApiError::not_found(format!("no export job {id} (unknown, deleted or expired)"));
+    let missing =
+        || ApiError::not_found(format!("no export job {id} (unknown, deleted or expired)"));
     let sql = format!(
         "SELECT client_id, kind, request, params::text, \
                 to_char(transaction_time AT TIME ZONE 'UTC', {INSTANT_FORMAT}) \
@@ -572,10 +581,7 @@ fn resource_tables<C: Db>(conn: &mut C) -> Result<Vec<(String, String)>, ApiErro
                        ('ts', 'timestamp with time zone'), \
                        ('cts', 'timestamp with time zone'))) = 5 \
          ORDER BY c.relname";
-    let rows = conn
-        .query(sql, Vec::new())
-        .map_err(DbError::into_api)?
-        .rows;
+    let rows = conn.query(sql, Vec::new()).map_err(DbError::into_api)?.rows;
     let mut out = Vec::new();
     for mut row in rows {
         let (Some(table), Some(default)) = (
@@ -677,7 +683,11 @@ fn ranges(bounds: &[String]) -> Vec<(Option<&str>, Option<&str>)> {
 
 /// Percent-encodes a URL query value or path segment (ids may hold `+`, `&`, `/`, …).
 fn encode(s: &str) -> String {
-    const SET: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    const SET: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
     utf8_percent_encode(s, SET).to_string()
 }
 
@@ -759,11 +769,7 @@ fn error_file(job: &Job) -> Reply {
 /// The most ranges one call may ask for.
 const MAX_RANGES: u64 = 10_000;
 
-pub fn dump_ranges<C: Db>(
-    conn: &mut C,
-    req: &Request,
-    type_name: &str,
-) -> Result<Reply, ApiError> {
+pub fn dump_ranges<C: Db>(conn: &mut C, req: &Request, type_name: &str) -> Result<Reply, ApiError> {
     let mut p = Params::parse(&req.query)?;
     let parts = p
         .take_u64("parts")?
@@ -783,7 +789,10 @@ pub fn dump_ranges<C: Db>(
             vec![Param::Str(quote_ident(&table))],
         )
         .map_err(DbError::into_api)?;
-    if !matches!(exists.rows.first().and_then(|r| r.first()), Some(Value::Bool(true))) {
+    if !matches!(
+        exists.rows.first().and_then(|r| r.first()),
+        Some(Value::Bool(true))
+    ) {
         return Err(ApiError::not_found(format!(
             "no table for resource type {type_name}"
         )));
@@ -984,7 +993,10 @@ mod tests {
     #[test]
     fn urls_come_from_spin_full_url() {
         let r = req(
-            &[("spin-full-url", "https://fhir.example.org:8443/$export?_type=Patient")],
+            &[(
+                "spin-full-url",
+                "https://fhir.example.org:8443/$export?_type=Patient",
+            )],
             "/$export",
         );
         assert_eq!(base_url(&r), "https://fhir.example.org:8443");
@@ -1092,7 +1104,10 @@ mod tests {
 
     #[test]
     fn type_defaults() {
-        assert_eq!(type_from_default("'Patient'::text").as_deref(), Some("Patient"));
+        assert_eq!(
+            type_from_default("'Patient'::text").as_deref(),
+            Some("Patient")
+        );
         assert_eq!(type_from_default("'x y'::text"), None);
         assert_eq!(type_from_default("now()"), None);
     }
