@@ -54,8 +54,9 @@ impl AllowedHosts {
         let entries = entries
             .iter()
             .map(|e| {
-                parse_entry(e.as_ref())
-                    .with_context(|| format!("invalid allowed_outbound_hosts entry {:?}", e.as_ref()))
+                parse_entry(e.as_ref()).with_context(|| {
+                    format!("invalid allowed_outbound_hosts entry {:?}", e.as_ref())
+                })
             })
             .collect::<Result<_>>()?;
         Ok(AllowedHosts { entries })
@@ -164,8 +165,8 @@ mod tests {
 
     #[test]
     fn postgres_entries() {
-        let a = AllowedHosts::parse(&["postgres://127.0.0.1:55432", "postgres://db.internal"])
-            .unwrap();
+        let a =
+            AllowedHosts::parse(&["postgres://127.0.0.1:55432", "postgres://db.internal"]).unwrap();
         assert!(a.allows("postgres", "127.0.0.1", 55432));
         assert!(!a.allows("postgres", "127.0.0.1", 5432));
         assert!(a.allows("postgres", "db.internal", 5432));

@@ -151,7 +151,8 @@ impl Host {
             .map(|t| variables::expand(t, &app))
             .collect::<Result<Vec<_>>>()
             .context("allowed_outbound_hosts")?;
-        let allowed = allowed_hosts::AllowedHosts::parse(&allowed)?;
+        let allowed = allowed_hosts::AllowedHosts::parse(&allowed)
+            .with_context(|| format!("component {:?}", manifest.component_id))?;
 
         let component = engine::component(&config.wasm)?;
         let pre = engine::pre_instantiate(&component)?;

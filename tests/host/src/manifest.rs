@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 pub struct AppVariable {
     pub default: Option<String>,
     pub required: bool,
+    /// Parsed for completeness; this host never prints variable values at all.
+    #[allow(dead_code)]
     pub secret: bool,
 }
 
@@ -95,7 +97,10 @@ impl Manifest {
         let string_map = |key: &str| -> Result<BTreeMap<String, String>> {
             let mut out = BTreeMap::new();
             if let Some(t) = comp.get(key) {
-                for (k, v) in t.as_table().with_context(|| format!("{key} must be a table"))? {
+                for (k, v) in t
+                    .as_table()
+                    .with_context(|| format!("{key} must be a table"))?
+                {
                     let v = v
                         .as_str()
                         .with_context(|| format!("{key}.{k} must be a string"))?;

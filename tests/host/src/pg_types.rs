@@ -146,7 +146,11 @@ pub fn value(row: &Row, i: usize) -> anyhow::Result<DbValue> {
 /// Rough in-memory size of a converted value, for the host's result-size cap.
 pub fn approx_size(v: &DbValue) -> usize {
     const OVERHEAD: usize = 16;
-    let strs = |v: &[Option<String>]| v.iter().map(|s| s.as_ref().map_or(0, String::len) + 8).sum();
+    let strs = |v: &[Option<String>]| -> usize {
+        v.iter()
+            .map(|s| s.as_ref().map_or(0, String::len) + 8)
+            .sum()
+    };
     OVERHEAD
         + match v {
             DbValue::Str(s) | DbValue::Uuid(s) | DbValue::Decimal(s) => s.len(),
@@ -224,10 +228,9 @@ pub fn to_sql(p: ParameterValue) -> anyhow::Result<SqlParam> {
         ParameterValue::Binary(v) => Box::new(v),
         ParameterValue::Date(v) => Box::new(date(v)?),
         ParameterValue::Time(v) => Box::new(time(v)?),
-        ParameterValue::Datetime((y, mo, d, h, mi, s, ns)) => Box::new(NaiveDateTime::new(
-            date((y, mo, d))?,
-            time((h, mi, s, ns))?,
-        )),
+        ParameterValue::Datetime((y, mo, d, h, mi, s, ns)) => {
+            Box::new(NaiveDateTime::new(date((y, mo, d))?, time((h, mi, s, ns))?))
+        }
         ParameterValue::Timestamp(v) => Box::new(
             chrono::DateTime::<chrono::Utc>::from_timestamp(v, 0)
                 .ok_or_else(|| anyhow!("invalid epoch timestamp {v}"))?,

@@ -38,7 +38,9 @@ impl Pools {
         // `prefer` (Spin would negotiate TLS when the server offers it) and fails for `require`
         // — so a component can never appear to work here with TLS settings that Spin rejects.
         if config.get_ssl_mode() != SslMode::Disable && config.get_ssl_mode() != SslMode::Prefer {
-            anyhow::bail!("this test host does not support TLS (sslmode=require); use sslmode=disable");
+            anyhow::bail!(
+                "this test host does not support TLS (sslmode=require); use sslmode=disable"
+            );
         }
         let manager = deadpool_postgres::Manager::from_config(
             config,
@@ -73,7 +75,11 @@ fn ensure_allowed(allowed: &AllowedHosts, address: &str) -> Result<(), Error> {
             PgHost::Tcp(name) => {
                 let port = ports
                     .get(i)
-                    .or(if ports.len() == 1 { ports.first() } else { None })
+                    .or(if ports.len() == 1 {
+                        ports.first()
+                    } else {
+                        None
+                    })
                     .copied()
                     .unwrap_or(5432);
                 if !allowed.allows("postgres", name, port) {
@@ -144,7 +150,9 @@ fn params(p: Vec<ParameterValue>) -> Result<Vec<pg_types::SqlParam>, Error> {
 }
 
 fn refs(p: &[pg_types::SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
-    p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect()
+    p.iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 impl State {

@@ -165,7 +165,7 @@ async fn handle(
     let started = Instant::now();
     let request_peak = Arc::new(AtomicUsize::new(0));
     let (done_tx, done_rx) = watch::channel(None::<HandlerEnd>);
-    let mut rec = Recorder {
+    let rec = Recorder {
         shared: shared.clone(),
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
@@ -177,7 +177,7 @@ async fn handle(
 
     let path = req.uri().path().to_string();
     let Some(path_info) = shared.route.path_info(&path).map(str::to_string) else {
-        drop(done_tx.send(Some(HandlerEnd::Returned)));
+        let _ = done_tx.send(Some(HandlerEnd::Returned));
         return Ok(rec.respond(plain(StatusCode::NOT_FOUND, "")));
     };
 
@@ -198,7 +198,10 @@ async fn handle(
         ("spin-full-url", full_url.clone()),
         ("spin-path-info", path_info),
         ("spin-matched-route", shared.route.raw.clone()),
-        ("spin-component-route", shared.route.component_route().to_string()),
+        (
+            "spin-component-route",
+            shared.route.component_route().to_string(),
+        ),
         ("spin-raw-component-route", shared.route.raw.clone()),
         ("spin-base-path", "/".to_string()),
         ("spin-client-addr", peer.to_string()),
@@ -237,19 +240,19 @@ async fn handle(
     store.limiter(|s| &mut s.limiter);
 
     let (resp_tx, resp_rx) = oneshot::channel();
-    let prepared = (|| {
+    let prepared = (|| -> wasmtime::Result<_> {
         let req = store
             .data_mut()
             .http()
             .new_incoming_request(Scheme::Http, req)?;
         let out = store.data_mut().http().new_response_outparam(resp_tx)?;
-        wasmtime::Result::Ok((req, out))
+        Ok((req, out))
     })();
     let (guest_req, out) = match prepared {
         Ok(x) => x,
         Err(e) => {
             eprintln!("spin-bulk-host: could not pass the request to the component: {e:?}");
-            drop(done_tx.send(Some(HandlerEnd::Returned)));
+            let _ = done_tx.send(Some(HandlerEnd::Returned));
             return Ok(rec.respond(plain(StatusCode::BAD_REQUEST, "bad request\n")));
         }
     };
@@ -275,7 +278,7 @@ async fn handle(
                 HandlerEnd::Trapped
             }
         };
-        drop(done_tx.send(Some(end)));
+        let _ = done_tx.send(Some(end));
     });
 
     let resp = match resp_rx.await {

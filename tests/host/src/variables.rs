@@ -65,8 +65,8 @@ impl ComponentVariables {
     pub fn resolve(manifest: &Manifest, app: &BTreeMap<String, String>) -> Result<Self> {
         let mut values = BTreeMap::new();
         for (name, template) in &manifest.component_variables {
-            let v = expand(template, app)
-                .with_context(|| format!("component variable {name:?}"))?;
+            let v =
+                expand(template, app).with_context(|| format!("component variable {name:?}"))?;
             values.insert(name.clone(), v);
         }
         Ok(ComponentVariables { values })

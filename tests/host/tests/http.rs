@@ -25,7 +25,11 @@ fn finish_ends_the_stream_cleanly() {
 fn dropping_the_body_aborts_the_transfer() {
     let host = start_fixture(false);
     let r = curl(&format!("{}/drop", host.url()));
-    assert_eq!(r.code, 18, "curl should see a partial transfer: {}", r.stderr);
+    assert_eq!(
+        r.code, 18,
+        "curl should see a partial transfer: {}",
+        r.stderr
+    );
     assert_eq!(r.body, CHUNKS, "the chunks written before the drop arrive");
     assert_eq!(stat_for(&host, "/drop").outcome, Outcome::Aborted);
 }
@@ -34,7 +38,11 @@ fn dropping_the_body_aborts_the_transfer() {
 fn a_trap_after_the_first_chunks_ends_cleanly_like_spin() {
     let host = start_fixture(false);
     let r = curl(&format!("{}/trap", host.url()));
-    assert_eq!(r.code, 0, "Spin ends a trapped stream cleanly: {}", r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "Spin ends a trapped stream cleanly: {}",
+        r.stderr
+    );
     assert_eq!(r.body, CHUNKS);
     assert_eq!(stat_for(&host, "/trap").outcome, Outcome::Trapped);
 }
@@ -61,7 +69,9 @@ fn each_write_reaches_the_client_before_the_component_finishes() {
         !head.contains("second"),
         "the first chunk must arrive while the component sleeps"
     );
-    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"));
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked"));
     assert!(
         host.requests().iter().all(|s| s.path != "/slow"),
         "the request must still be running"

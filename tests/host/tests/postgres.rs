@@ -28,13 +28,19 @@ fn timestamptz_fails_the_query_like_spin() {
 fn casts_that_work_on_spin_work_here() {
     let host = start_fixture(true);
     let out = pg(&host, "SELECT now()::text AS t");
-    assert!(out.contains("col t Str") && out.contains("val str 20"), "{out}");
+    assert!(
+        out.contains("col t Str") && out.contains("val str 20"),
+        "{out}"
+    );
     let out = pg(
         &host,
         "SELECT TIMESTAMPTZ '2024-05-06 07:08:09.5+00' AT TIME ZONE 'UTC' AS t",
     );
     assert!(out.contains("col t Datetime"), "{out}");
-    assert!(out.contains("Datetime((2024, 5, 6, 7, 8, 9, 500000000))"), "{out}");
+    assert!(
+        out.contains("Datetime((2024, 5, 6, 7, 8, 9, 500000000))"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -129,7 +135,10 @@ fn hosts_outside_allowed_outbound_hosts_are_refused() {
     let host = start_fixture(true);
     let out = get(
         &host,
-        &format!("/pg-open?{}", enc("postgres://postgres@127.0.0.2:5999/postgres")),
+        &format!(
+            "/pg-open?{}",
+            enc("postgres://postgres@127.0.0.2:5999/postgres")
+        ),
     );
     assert!(out.starts_with("error: ConnectionFailed("), "{out}");
     assert!(out.contains("not permitted"), "{out}");
@@ -145,6 +154,12 @@ fn a_connection_keeps_its_session_across_calls() {
     let host = start_fixture(true);
     let out = get(&host, "/pg-tx");
     assert!(out.contains("inserted 2"), "{out}");
-    assert!(out.contains("inside: col count Int32\nval Int32(2)"), "{out}");
-    assert!(out.contains("after rollback: col count Int32\nval Int32(0)"), "{out}");
+    assert!(
+        out.contains("inside: col count Int32\nval Int32(2)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("after rollback: col count Int32\nval Int32(0)"),
+        "{out}"
+    );
 }

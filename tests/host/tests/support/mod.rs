@@ -11,7 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 use spin_bulk_host::{Host, HostConfig, RequestStat};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn newest_mtime(dir: &Path) -> SystemTime {
@@ -39,12 +42,15 @@ pub fn fixture_wasm() -> PathBuf {
         let wasm = target_dir.join("wasm32-wasip2/release/spin_bulk_fixture.wasm");
         let fixture = root.join("tests/fixture");
         let stale = match std::fs::metadata(&wasm).and_then(|m| m.modified()) {
-            Ok(built) => built < newest_mtime(&fixture.join("src")).max(
-                std::fs::metadata(fixture.join("Cargo.toml"))
-                    .unwrap()
-                    .modified()
-                    .unwrap(),
-            ),
+            Ok(built) => {
+                built
+                    < newest_mtime(&fixture.join("src")).max(
+                        std::fs::metadata(fixture.join("Cargo.toml"))
+                            .unwrap()
+                            .modified()
+                            .unwrap(),
+                    )
+            }
             Err(_) => true,
         };
         if stale {
@@ -98,9 +104,7 @@ pub fn database_host_port() -> String {
 pub fn start_fixture(with_db: bool) -> Host {
     let mut config = HostConfig::new(fixture_wasm(), fixture_manifest());
     if with_db {
-        config
-            .variables
-            .insert("db_url".into(), database_url());
+        config.variables.insert("db_url".into(), database_url());
         config
             .variables
             .insert("db_host".into(), database_host_port());
