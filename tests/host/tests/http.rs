@@ -30,7 +30,13 @@ fn dropping_the_body_aborts_the_transfer() {
         "curl should see a partial transfer: {}",
         r.stderr
     );
-    assert_eq!(r.body, CHUNKS, "the chunks written before the drop arrive");
+    // hyper closes the connection on the body error without flushing what it still buffers,
+    // so the tail may be missing (the same stack as Spin's): only a prefix is guaranteed.
+    assert!(
+        r.body.starts_with("chunk 0\n") && CHUNKS.starts_with(&r.body),
+        "{:?}",
+        r.body
+    );
     assert_eq!(stat_for(&host, "/drop").outcome, Outcome::Aborted);
 }
 
