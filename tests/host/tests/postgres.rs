@@ -13,7 +13,10 @@ fn pg(host: &spin_bulk_host::Host, sql: &str) -> String {
 fn timestamptz_fails_the_query_like_spin() {
     let host = start_fixture(true);
     let out = pg(&host, "SELECT now() AS t");
-    assert!(out.starts_with("error: QueryFailed(Text("), "{out}");
+    assert!(
+        out.starts_with("error: Error::QueryFailed(QueryError::Text("),
+        "{out}"
+    );
     assert!(
         out.contains("cannot convert between the Rust type")
             && out.contains("NaiveDateTime")
@@ -29,16 +32,16 @@ fn casts_that_work_on_spin_work_here() {
     let host = start_fixture(true);
     let out = pg(&host, "SELECT now()::text AS t");
     assert!(
-        out.contains("col t Str") && out.contains("val str 20"),
+        out.contains("col t DbDataType::Str") && out.contains("val str 20"),
         "{out}"
     );
     let out = pg(
         &host,
         "SELECT TIMESTAMPTZ '2024-05-06 07:08:09.5+00' AT TIME ZONE 'UTC' AS t",
     );
-    assert!(out.contains("col t Datetime"), "{out}");
+    assert!(out.contains("col t DbDataType::Datetime"), "{out}");
     assert!(
-        out.contains("Datetime((2024, 5, 6, 7, 8, 9, 500000000))"),
+        out.contains("DbValue::Datetime((2024, 5, 6, 7, 8, 9, 500000000))"),
         "{out}"
     );
 }
@@ -72,41 +75,41 @@ fn column_types_and_values() {
          NULL::text AS nul, 'x'::name AS nm, '{}'::json AS js",
     );
     for expected in [
-        "col b Boolean",
-        "col i2 Int16",
-        "col i4 Int32",
-        "col i8 Int64",
-        "col f4 Floating32",
-        "col f8 Floating64",
-        "col vc Str",
-        "col bp Str",
-        "col by Binary",
-        "col n Decimal",
-        "col d Date",
-        "col tm Time",
-        "col u Uuid",
-        "col r RangeInt32",
-        "col a ArrayInt32",
-        "col at ArrayStr",
-        "col iv Interval",
-        "col nm Other(\"name\")",
-        "col js Other(\"json\")",
-        "val Boolean(true)",
-        "val Int16(1)",
-        "val Int64(3)",
-        "val Floating64(2.5)",
+        "col b DbDataType::Boolean",
+        "col i2 DbDataType::Int16",
+        "col i4 DbDataType::Int32",
+        "col i8 DbDataType::Int64",
+        "col f4 DbDataType::Floating32",
+        "col f8 DbDataType::Floating64",
+        "col vc DbDataType::Str",
+        "col bp DbDataType::Str",
+        "col by DbDataType::Binary",
+        "col n DbDataType::Decimal",
+        "col d DbDataType::Date",
+        "col tm DbDataType::Time",
+        "col u DbDataType::Uuid",
+        "col r DbDataType::RangeInt32",
+        "col a DbDataType::ArrayInt32",
+        "col at DbDataType::ArrayStr",
+        "col iv DbDataType::Interval",
+        "col nm DbDataType::Other(\"name\")",
+        "col js DbDataType::Other(\"json\")",
+        "val DbValue::Boolean(true)",
+        "val DbValue::Int16(1)",
+        "val DbValue::Int64(3)",
+        "val DbValue::Floating64(2.5)",
         "val str c ",
-        "val Binary([1, 2])",
-        "val Decimal(\"1.50\")",
-        "val Date((2024, 1, 2))",
-        "val Time((3, 4, 5, 0))",
-        "val Uuid(\"00000000-0000-0000-0000-000000000001\")",
-        "val RangeInt32((Some((1, RangeBoundKind::Inclusive)), Some((5, RangeBoundKind::Exclusive))))",
-        "val ArrayInt32([Some(1), None])",
-        "val Interval(Interval { micros: 2000000, days: 1, months: 0 })",
-        "val DbNull",
-        "val Unsupported([120])",
-        "val Unsupported([123, 125])",
+        "val DbValue::Binary([1, 2])",
+        "val DbValue::Decimal(\"1.50\")",
+        "val DbValue::Date((2024, 1, 2))",
+        "val DbValue::Time((3, 4, 5, 0))",
+        "val DbValue::Uuid(\"00000000-0000-0000-0000-000000000001\")",
+        "val DbValue::RangeInt32((Some((1, RangeBoundKind::Inclusive)), Some((5, RangeBoundKind::Exclusive))))",
+        "val DbValue::ArrayInt32([Some(1), None])",
+        "val DbValue::Interval(Interval { micros: 2000000, days: 1, months: 0 })",
+        "val DbValue::DbNull",
+        "val DbValue::Unsupported([120])",
+        "val DbValue::Unsupported([123, 125])",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
@@ -122,12 +125,15 @@ fn empty_results_have_no_columns_like_spin() {
 fn database_errors_are_structured() {
     let host = start_fixture(true);
     let out = pg(&host, "SELECT nosuchcolumn");
-    assert!(out.starts_with("error: QueryFailed(DbError("), "{out}");
+    assert!(
+        out.starts_with("error: Error::QueryFailed(QueryError::DbError("),
+        "{out}"
+    );
     assert!(out.contains("code: \"42703\""), "{out}");
     assert!(out.contains("(\"position\", \"8\")"), "{out}");
     // One statement per query (extended protocol).
     let out = pg(&host, "SELECT 1; SELECT 2");
-    assert!(out.starts_with("error: QueryFailed("), "{out}");
+    assert!(out.starts_with("error: Error::QueryFailed("), "{out}");
 }
 
 #[test]
@@ -140,7 +146,7 @@ fn hosts_outside_allowed_outbound_hosts_are_refused() {
             enc("postgres://postgres@127.0.0.2:5999/postgres")
         ),
     );
-    assert!(out.starts_with("error: ConnectionFailed("), "{out}");
+    assert!(out.starts_with("error: Error::ConnectionFailed("), "{out}");
     assert!(out.contains("not permitted"), "{out}");
     let out = get(
         &host,
@@ -155,11 +161,11 @@ fn a_connection_keeps_its_session_across_calls() {
     let out = get(&host, "/pg-tx");
     assert!(out.contains("inserted 2"), "{out}");
     assert!(
-        out.contains("inside: col count Int32\nval Int32(2)"),
+        out.contains("inside: col count DbDataType::Int32\nval DbValue::Int32(2)"),
         "{out}"
     );
     assert!(
-        out.contains("after rollback: col count Int32\nval Int32(0)"),
+        out.contains("after rollback: col count DbDataType::Int32\nval DbValue::Int32(0)"),
         "{out}"
     );
 }
