@@ -96,10 +96,10 @@ fn page_sql(q: &DumpQuery, with_cursor: bool) -> String {
         n
     };
     if q.since.is_some() {
-        conds.push(format!("ts > ${}::timestamptz", next()));
+        conds.push(format!("ts > ${}::text::timestamptz", next()));
     }
     if q.until.is_some() {
-        conds.push(format!("ts <= ${}::timestamptz", next()));
+        conds.push(format!("ts <= ${}::text::timestamptz", next()));
     }
     if q.upto.is_some() {
         conds.push(format!("id <= ${}", next()));
@@ -120,8 +120,8 @@ fn page_sql(q: &DumpQuery, with_cursor: bool) -> String {
            SELECT id, txid, ts, cts, resource, pg_column_size(resource) AS size, \
                   sum(pg_column_size(resource)) OVER w - pg_column_size(resource) AS before, \
                   row_number() OVER w AS rn \
-           FROM {table} {filter} ORDER BY id LIMIT $1 \
-           WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)) \
+           FROM {table} {filter} \
+           WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING) ORDER BY id LIMIT $1) \
          SELECT id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', \
                 CASE WHEN before < $2 THEN {resource} END, rn, size \
          FROM page WHERE before < $2 OR rn = $1 ORDER BY id",
@@ -335,11 +335,10 @@ mod tests {
             ..Default::default()
         };
         let first = page_sql(&q, false);
-        assert!(first.contains(
-            "FROM \"patient\" WHERE ts > $3::timestamptz AND id <= $4 ORDER BY id LIMIT $1"
-        ));
+        assert!(first
+            .contains("FROM \"patient\" WHERE ts > $3::text::timestamptz AND id <= $4 WINDOW w"));
         let next = page_sql(&q, true);
-        assert!(next.contains("AND id <= $4 AND id > $5 ORDER BY id"));
+        assert!(next.contains("AND id <= $4 AND id > $5 WINDOW w"));
         let plain = page_sql(
             &DumpQuery {
                 type_name: "Patient".into(),
@@ -347,7 +346,7 @@ mod tests {
             },
             false,
         );
-        assert!(plain.contains("FROM \"patient\"  ORDER BY id LIMIT $1"));
+        assert!(plain.contains("FROM \"patient\"  WINDOW w"));
         let filtered = page_sql(
             &DumpQuery {
                 type_name: "Patient".into(),
@@ -356,6 +355,6 @@ mod tests {
             },
             true,
         );
-        assert!(filtered.contains("WHERE id > $3 AND (cts <= now()) ORDER BY id"));
+        assert!(filtered.contains("WHERE id > $3 AND (cts <= now()) WINDOW w"));
     }
 }

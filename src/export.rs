@@ -206,7 +206,7 @@ fn insert_job<C: Db>(
         "WITH purge AS (DELETE FROM bulk_export \
                         WHERE transaction_time <= now() - interval '{JOB_TTL_HOURS} hours') \
          INSERT INTO bulk_export (client_id, kind, request, params) \
-         SELECT $1, $2, $3, $4::jsonb \
+         SELECT $1, $2, $3, $4::text::jsonb \
          WHERE (SELECT count(*) FROM bulk_export WHERE client_id = $1 \
                 AND transaction_time > now() - interval '{JOB_TTL_HOURS} hours') < {MAX_ACTIVE_JOBS} \
          RETURNING id"
@@ -642,7 +642,7 @@ fn part_bounds<C: Db>(
     let mut conds = job_filter(job, type_name);
     let mut params = Vec::new();
     if let Some(since) = &job.params.since {
-        conds.push_str(" AND ts > $1::timestamptz");
+        conds.push_str(" AND ts > $1::text::timestamptz");
         params.push(Param::Str(since.clone()));
     }
     let sql = format!(
