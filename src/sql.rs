@@ -531,7 +531,11 @@ impl Statement {
         let p: usize = pos.trim().split(' ').next()?.parse().ok()?;
         let off = p.checked_sub(prefix_chars + 1)?; // 0-based char offset in `sql`
         if off >= self.sql.chars().count() {
-            return None;
+            // In our closing text: the caller's query ended too early ("select 1 +"), so
+            // point just past its end, as PostgreSQL would for the query alone.
+            let last = self.subs.last().map_or(0, |s| s.2 + s.3);
+            let tail = self.sql.chars().count() - self.subs.last().map_or(0, |s| s.0 + s.1);
+            return Some(last + tail + 1);
         }
         let mut delta: isize = 0;
         for &(new_at, new_len, orig_at, orig_len) in &self.subs {
@@ -1315,8 +1319,9 @@ mod tests {
         assert_eq!(st.original_position("9", 0), Some(8));
         // "y" after NULL: substituted 28, original 21.
         assert_eq!(st.original_position("28", 0), Some(21));
-        // In our own wrapper text: no position.
+        // In our own wrapper text: no position before the query, its end after it.
         assert_eq!(st.original_position("3", 5), None);
+        assert_eq!(st.original_position("40", 5), Some(22));
     }
 
     #[test]
