@@ -9,10 +9,10 @@
 //!   resources after tiny ones), so a result never nears Spin's 128 MiB cap, and the first row
 //!   always passes, so a single resource larger than the budget still goes out.
 //!
-//! The last row of a full `LIMIT` window is always returned (without its resource when over
-//! budget) as a marker: "the window was full, there may be more". Without it, a short page
-//! could mean either the end of the table or a byte cut, and telling them apart would cost a
-//! query.
+//! The last row of the `LIMIT` window is always returned (without its resource when over
+//! budget) as a marker: its row number says whether the window was full ("there may be
+//! more"), its missing resource that the budget cut the page. Without it, a short page could
+//! mean either the end of the table or a byte cut, and telling them apart would cost a query.
 //!
 //! The first page is read before the response starts, so a missing table (404), an
 //! unreachable database (503) or a bad filter still get a real status; after that, a failure
@@ -124,7 +124,7 @@ fn page_sql(q: &DumpQuery, with_cursor: bool) -> String {
            WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING) ORDER BY id LIMIT $1) \
          SELECT id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', \
                 CASE WHEN before < $2 THEN {resource} END, rn, size \
-         FROM page WHERE before < $2 OR rn = $1 ORDER BY id",
+         FROM page WHERE before < $2 OR rn = (SELECT max(rn) FROM page) ORDER BY id",
         table = quote_ident(&table),
         resource = resource_text_sql(&q.type_name),
     )
@@ -184,11 +184,17 @@ impl<C: Db> Pager<C> {
             .map_err(PageError::Db)?
             .rows;
         let mut lines = 0usize;
-        let mut full_window = false;
+        // The window's last row always comes back (rows are in id order, so it is the last
+        // one): its rn says whether the LIMIT window was full, its resource whether the byte
+        // budget cut the page short. Only a window that was neither full nor cut is the end.
+        let (full_window, cut) = match rows.last() {
+            Some(last) => (
+                last.get(5).and_then(Value::as_i64) == Some(limit as i64),
+                !matches!(last.get(4), Some(Value::Str(_))),
+            ),
+            None => (false, false),
+        };
         for row in &rows {
-            if row.get(5).and_then(Value::as_i64) == Some(limit as i64) {
-                full_window = true;
-            }
             // The over-budget marker row has a NULL resource and writes nothing.
             if self.encoder.push_row(buf, row).map_err(PageError::Shape)? {
                 self.bytes_seen += row.get(6).and_then(Value::as_i64).unwrap_or(0).max(0) as u64;
@@ -207,7 +213,7 @@ impl<C: Db> Pager<C> {
         if let Some(r) = self.remaining.as_mut() {
             *r -= (lines as u64).min(*r);
         }
-        self.done = !full_window || lines == 0 || self.remaining == Some(0);
+        self.done = (!full_window && !cut) || lines == 0 || self.remaining == Some(0);
         Ok(lines)
     }
 }
