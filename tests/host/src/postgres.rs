@@ -2,6 +2,9 @@
 //! allowed-hosts check before connecting, one pool per address (64 connections, recycling
 //! "Clean"), one pooled client per `connection` resource for its whole life.
 
+// pg4 errors are large (structured database errors), as the WIT defines them.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
