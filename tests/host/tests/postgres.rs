@@ -169,3 +169,25 @@ fn a_connection_keeps_its_session_across_calls() {
         "{out}"
     );
 }
+
+#[test]
+fn results_over_128_mib_fail_the_query() {
+    let host = start_fixture(true);
+    // 130 rows of 1 MiB: above Spin's 128 MiB host buffer cap.
+    let out = pg(
+        &host,
+        "SELECT repeat('x', 1048576) AS big FROM generate_series(1, 130)",
+    );
+    assert!(
+        out.starts_with("error: Error::QueryFailed(QueryError::Text("),
+        "{}",
+        &out[..out.len().min(300)]
+    );
+    assert!(out.contains("exceeds"), "{out}");
+    // The same shape, small, is fine.
+    let out = pg(
+        &host,
+        "SELECT length(repeat('x', 1048576)) AS n FROM generate_series(1, 3)",
+    );
+    assert!(out.contains("val DbValue::Int32(1048576)"), "{out}");
+}
