@@ -159,7 +159,14 @@ fn db_now(db: &TestDb) -> String {
 fn system_export_of_the_sample_equals_dump_of_every_type() {
     let db = TestDb::new();
     load_sample(&db);
-    let host = serve(&db);
+    // Small pages: every file of some size streams as many byte-budgeted pages.
+    let host = start(
+        &db,
+        &[
+            ("admin_secret", "test-admin-secret"),
+            ("page_bytes", "32768"),
+        ],
+    );
     add_clients(&host);
     let status = kickoff(&host, ADMIN, "/$export");
     let m = manifest(&host, ADMIN, &status);
