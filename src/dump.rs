@@ -9,10 +9,11 @@
 //!   resources after tiny ones), so a result never nears Spin's 128 MiB cap, and the first row
 //!   always passes, so a single resource larger than the budget still goes out.
 //!
-//! The last row of the `LIMIT` window is always returned (without its resource when over
-//! budget) as a marker: its row number says whether the window was full ("there may be
-//! more"), its missing resource that the budget cut the page. Without it, a short page could
-//! mean either the end of the table or a byte cut, and telling them apart would cost a query.
+//! When the budget cuts the window, the first row over it comes back too, without its
+//! resource, as a marker ("cut by bytes, there is more"); otherwise the last row's number says
+//! whether the `LIMIT` window was full. Without that, a short page could mean either the end of
+//! the table or a byte cut, and telling them apart would cost a query. The marker is found with
+//! `lag()` in the same streaming window, so the page is never materialised twice.
 //!
 //! The first page is read before the response starts, so a missing table (404), an
 //! unreachable database (503) or a bad filter still get a real status; after that, a failure
@@ -119,12 +120,15 @@ fn page_sql(q: &DumpQuery, with_cursor: bool) -> String {
         "WITH page AS (\
            SELECT id, txid, ts, cts, resource, pg_column_size(resource) AS size, \
                   sum(pg_column_size(resource)) OVER w - pg_column_size(resource) AS before, \
+                  sum(pg_column_size(resource)) OVER w \
+                    - pg_column_size(resource) - lag(pg_column_size(resource), 1, 0) OVER w \
+                    AS prev_before, \
                   row_number() OVER w AS rn \
            FROM {table} {filter} \
            WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING) ORDER BY id LIMIT $1) \
          SELECT id, txid, ts AT TIME ZONE 'UTC', cts AT TIME ZONE 'UTC', \
                 CASE WHEN before < $2 THEN {resource} END, rn, size \
-         FROM page WHERE before < $2 OR rn = (SELECT max(rn) FROM page) ORDER BY id",
+         FROM page WHERE prev_before < $2 ORDER BY id",
         table = quote_ident(&table),
         resource = resource_text_sql(&q.type_name),
     )
@@ -184,9 +188,10 @@ impl<C: Db> Pager<C> {
             .map_err(PageError::Db)?
             .rows;
         let mut lines = 0usize;
-        // The window's last row always comes back (rows are in id order, so it is the last
-        // one): its rn says whether the LIMIT window was full, its resource whether the byte
-        // budget cut the page short. Only a window that was neither full nor cut is the end.
+        // Rows come back in id order: those that start within the byte budget, then — when
+        // the budget cut the window — the first row over it, without its resource (the
+        // marker). So the last row tells whether the page ended early: a marker means "cut by
+        // bytes", rn = limit means "the LIMIT window was full". Neither means the end.
         let (full_window, cut) = match rows.last() {
             Some(last) => (
                 last.get(5).and_then(Value::as_i64) == Some(limit as i64),
