@@ -36,7 +36,9 @@
 //! Each type is split into parts of at most [`PART_ROWS`] matching resources by id ranges,
 //! `(after, upto]` in the primary key's order, with the same `_after`/`_upto` semantics as
 //! `$dump`. The boundaries are computed when the manifest is asked for, with one ordered walk
-//! over the matching ids (an index-only scan when there is no filter). The parts of one manifest
+//! over the matching ids (without `_since` or a compartment: over all ids, an index-only scan
+//! of the primary key; a part then holds a few fewer resources if some were created after
+//! kick-off, and a type with only such resources gets an empty file). The parts of one manifest
 //! always cover the whole id space (the first has no lower bound, the last no upper bound), so
 //! whatever changes between the status call and the downloads, every row lands in exactly one
 //! part; a part may then hold a few more or fewer rows than when it was cut. For the same
@@ -633,18 +635,30 @@ fn job_filter(job: &Job, type_name: &str) -> String {
 /// The last id of each full part of a type, in id order, or `None` when no resource matches.
 /// One ordered walk over the matching ids: `rn = 1` proves there is something; every
 /// [`PART_ROWS`]-th id closes a part, unless it is the very last id (no empty final part).
+/// Without `_since` or a compartment the walk covers every id (see below), so a type whose
+/// rows were all created after kick-off gets a file with no lines.
 fn part_bounds<C: Db>(
     conn: &mut C,
     job: &Job,
     table: &str,
     type_name: &str,
 ) -> Result<Option<Vec<String>>, ApiError> {
-    let mut conds = job_filter(job, type_name);
     let mut params = Vec::new();
-    if let Some(since) = &job.params.since {
-        conds.push_str(" AND ts > $1::text::timestamptz");
-        params.push(Param::Str(since.clone()));
-    }
+    let conds = match &job.params.since {
+        // Nothing narrows the type but the transaction-time rule, which only drops rows
+        // created after kick-off: walk every id instead, so that the walk reads the primary
+        // key index alone (an index-only scan) rather than every row. Parts then hold at most
+        // PART_ROWS resources, a few fewer if some were created since.
+        None if !job.patient => "true".to_string(),
+        None => job_filter(job, type_name),
+        Some(since) => {
+            params.push(Param::Str(since.clone()));
+            format!(
+                "{} AND ts > $1::text::timestamptz",
+                job_filter(job, type_name)
+            )
+        }
+    };
     let sql = format!(
         "SELECT id, rn FROM (\
            SELECT id, row_number() OVER w AS rn, lead(id) OVER w IS NULL AS last \
