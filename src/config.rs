@@ -1,6 +1,6 @@
 //! Settings from Spin variables (see `spin.toml` for their defaults and meaning).
 
-use crate::db::{Db, DbError, Platform};
+use crate::db::{Db, DbError, Param, Platform};
 use crate::outcome::ApiError;
 
 #[derive(Debug, Clone)]
@@ -30,14 +30,16 @@ impl Config {
         })
     }
 
-    /// Opens a connection and bounds every statement on it by the statement timeout.
+    /// Opens a connection, bounds every statement on it by the statement timeout and fixes the
+    /// date style.
     /// Spin's pool resets session settings when a connection comes back ("Clean" recycling),
     /// so this runs once per request.
     pub fn connect<P: Platform>(&self, p: &P) -> Result<P::Conn, ApiError> {
         let mut conn = p.connect(&self.db_url).map_err(DbError::into_api)?;
-        conn.execute(
-            &format!("SET statement_timeout = {}", self.statement_timeout_ms),
-            Vec::new(),
+        // One round trip for both settings. DateStyle ISO: the dump parses `timestamp` text.
+        conn.query(
+            "SELECT set_config('statement_timeout', $1, false), set_config('DateStyle', 'ISO', false)",
+            vec![Param::Str(self.statement_timeout_ms.to_string())],
         )
         .map_err(DbError::into_api)?;
         Ok(conn)

@@ -38,10 +38,35 @@ pub fn resource_text_sql(type_name: &str) -> &'static str {
 
 /// The per-row columns that become `id` and `meta`.
 pub struct RowMeta<'a> {
-    pub id: &'a str,
+    pub id: Id<'a>,
     pub txid: i64,
     pub ts: DateTime,
     pub cts: DateTime,
+}
+
+/// A row's id: as stored, or already a JSON string literal (PostgreSQL's `to_json(id)`).
+#[derive(Clone, Copy)]
+pub enum Id<'a> {
+    Raw(&'a str),
+    Json(&'a str),
+}
+
+impl Id<'_> {
+    fn push(&self, out: &mut Vec<u8>) {
+        match self {
+            Id::Raw(id) => push_json_str(out, id),
+            Id::Json(literal) => out.extend_from_slice(literal.as_bytes()),
+        }
+    }
+}
+
+impl fmt::Display for Id<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Raw(id) => write!(f, "{id:?}"),
+            Id::Json(literal) => f.write_str(literal),
+        }
+    }
 }
 
 /// Writes ndjson lines for one resource type. Built once per request.
@@ -76,12 +101,34 @@ impl LineEncoder {
             return Err("row has unexpected column types".into());
         };
         let meta = RowMeta {
-            id,
+            id: Id::Raw(id),
             txid,
             ts: *ts,
             cts: *cts,
         };
         self.push_line(out, &meta, resource).map(|()| true)
+    }
+
+    /// Appends the line of one row of a `$dump` page: `"id"\ttxid\tts\tcts\tresource`, the
+    /// id JSON-escaped by PostgreSQL, the instants as UTC `timestamp` text. Returns the id's
+    /// JSON literal (the page's last one is the next page's cursor).
+    pub fn push_page_line<'l>(&self, out: &mut Vec<u8>, line: &'l str) -> Result<&'l str, String> {
+        let mut fields = line.splitn(5, '\t');
+        let mut next = || {
+            fields
+                .next()
+                .ok_or_else(|| format!("short page line: {line:.80}"))
+        };
+        let (id, txid, ts, cts, resource) = (next()?, next()?, next()?, next()?, next()?);
+        let bad = |what: &str, v: &str| format!("bad {what} {v:?} for id {id}");
+        let meta = RowMeta {
+            id: Id::Json(id),
+            txid: txid.parse().map_err(|_| bad("txid", txid))?,
+            ts: parse_timestamp(ts).ok_or_else(|| bad("ts", ts))?,
+            cts: parse_timestamp(cts).ok_or_else(|| bad("cts", cts))?,
+        };
+        self.push_line(out, &meta, resource)?;
+        Ok(id)
     }
 
     /// Appends one line (with its `\n`) to `out`. Fails only if the stored resource is not a
@@ -94,13 +141,13 @@ impl LineEncoder {
     ) -> Result<(), String> {
         let body = resource.trim_start();
         if !body.starts_with('{') {
-            return Err(format!("resource {:?} is not a JSON object", row.id));
+            return Err(format!("resource {} is not a JSON object", row.id));
         }
         if mentions_owned_key(body) {
             return self.push_merged(out, row, body);
         }
         out.extend_from_slice(&self.prefix);
-        push_json_str(out, row.id);
+        row.id.push(out);
         out.extend_from_slice(b",\"meta\":{");
         self.push_own_meta(out, row);
         out.push(b'}');
@@ -142,9 +189,9 @@ impl LineEncoder {
     /// `meta` at the top level.
     fn push_merged(&self, out: &mut Vec<u8>, row: &RowMeta, body: &str) -> Result<(), String> {
         let members = top_level_members(body)
-            .map_err(|e| format!("resource {:?} is not valid JSON: {e}", row.id))?;
+            .map_err(|e| format!("resource {} is not valid JSON: {e}", row.id))?;
         out.extend_from_slice(&self.prefix);
-        push_json_str(out, row.id);
+        row.id.push(out);
         out.extend_from_slice(b",\"meta\":{");
         self.push_own_meta_merged(
             out,
@@ -271,6 +318,50 @@ pub fn top_level_members(json: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, s
     Ok(members)
 }
 
+/// Parses PostgreSQL's ISO text of a `timestamp` (`2024-01-31 12:05:09.123456`; the session's
+/// DateStyle is set to ISO on connect). Years beyond 9999 and BC dates are refused: an RFC 3339
+/// instant cannot hold them.
+pub fn parse_timestamp(s: &str) -> Option<DateTime> {
+    let b = s.as_bytes();
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b' '
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let d = b.get(r)?;
+        d.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d.iter().fold(0, |n, c| n * 10 + u32::from(c - b'0')))
+    };
+    let mut nanosecond = 0;
+    if b.len() > 19 {
+        let frac = b.get(20..)?;
+        if b[19] != b'.'
+            || frac.is_empty()
+            || frac.len() > 6
+            || !frac.iter().all(u8::is_ascii_digit)
+        {
+            return None;
+        }
+        let digits = frac.iter().fold(0u32, |n, c| n * 10 + u32::from(c - b'0'));
+        nanosecond = digits * 10u32.pow(9 - frac.len() as u32);
+    }
+    Some(DateTime {
+        year: num(0..4)? as i32,
+        month: num(5..7)? as u8,
+        day: num(8..10)? as u8,
+        hour: num(11..13)? as u8,
+        minute: num(14..16)? as u8,
+        second: num(17..19)? as u8,
+        nanosecond,
+    })
+}
+
 /// Appends `s` as a JSON string literal.
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
@@ -350,7 +441,7 @@ mod tests {
         let enc = LineEncoder::new("Patient", fhir);
         let mut out = Vec::new();
         let row = RowMeta {
-            id,
+            id: Id::Raw(id),
             txid: 42,
             ts: TS,
             cts: CTS,
@@ -436,10 +527,63 @@ mod tests {
     }
 
     #[test]
+    fn parses_postgres_timestamp_text() {
+        let t = parse_timestamp("2024-01-31 12:05:09.123456").unwrap();
+        assert_eq!(t, TS);
+        let t = parse_timestamp("2023-12-01 00:00:00").unwrap();
+        assert_eq!(t, CTS);
+        assert_eq!(
+            parse_timestamp("2024-01-31 12:05:09.5").unwrap().nanosecond,
+            500_000_000
+        );
+        for bad in [
+            "",
+            "2024-01-31T12:05:09",
+            "12345-01-01 00:00:00",
+            "2024-01-31 12:05:09 BC",
+            "2024-01-31 12:05:09.",
+            "2024-01-31 12:05:09.1234567",
+        ] {
+            assert!(parse_timestamp(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn page_lines_match_row_lines() {
+        let enc = LineEncoder::new("Patient", false);
+        let mut a = Vec::new();
+        let id = enc
+            .push_page_line(
+                &mut a,
+                "\"p\\\"1\"\t42\t2024-01-31 12:05:09.123456\t2023-12-01 00:00:00\t{\"a\": 1.50}",
+            )
+            .unwrap();
+        assert_eq!(id, "\"p\\\"1\"");
+        let mut b = Vec::new();
+        let row = RowMeta {
+            id: Id::Raw("p\"1"),
+            txid: 42,
+            ts: TS,
+            cts: CTS,
+        };
+        enc.push_line(&mut b, &row, "{\"a\": 1.50}").unwrap();
+        assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
+        assert!(enc
+            .push_page_line(&mut Vec::new(), "\"x\"\t1\t2024")
+            .is_err());
+        assert!(enc
+            .push_page_line(
+                &mut Vec::new(),
+                "\"x\"\tone\t2024-01-31 12:05:09\t2024-01-31 12:05:09\t{}"
+            )
+            .is_err());
+    }
+
+    #[test]
     fn non_object_is_an_error() {
         let enc = LineEncoder::new("Patient", false);
         let row = RowMeta {
-            id: "x",
+            id: Id::Raw("x"),
             txid: 1,
             ts: TS,
             cts: CTS,

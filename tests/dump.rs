@@ -478,7 +478,7 @@ fn backend_terminated_mid_stream_aborts_the_transfer() {
         killed = admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE datname = $1 AND query LIKE 'WITH page AS%'",
+                 WHERE datname = $1 AND query LIKE '%WINDOW w AS%' AND pid <> pg_backend_pid()",
                 &[&db.name],
             )
             .unwrap()
