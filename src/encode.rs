@@ -109,17 +109,19 @@ impl LineEncoder {
         self.push_line(out, &meta, resource).map(|()| true)
     }
 
-    /// Appends the line of one row of a `$dump` page: `"id"\ttxid\tts\tcts\tresource`, the
-    /// id JSON-escaped by PostgreSQL, the instants as UTC `timestamp` text. Returns the id's
+    /// Appends the line of one row of a `$dump` page: `"id"\ttxid\tts\tcts\tflag\tresource`,
+    /// the id JSON-escaped by PostgreSQL, the instants as UTC `timestamp` text, the flag `1`
+    /// when the stored JSON has its own top-level `id`/`resourceType`/`meta`. Returns the id's
     /// JSON literal (the page's last one is the next page's cursor).
     pub fn push_page_line<'l>(&self, out: &mut Vec<u8>, line: &'l str) -> Result<&'l str, String> {
-        let mut fields = line.splitn(5, '\t');
+        let mut fields = line.splitn(6, '\t');
         let mut next = || {
             fields
                 .next()
                 .ok_or_else(|| format!("short page line: {line:.80}"))
         };
-        let (id, txid, ts, cts, resource) = (next()?, next()?, next()?, next()?, next()?);
+        let (id, txid, ts, cts, flag, resource) =
+            (next()?, next()?, next()?, next()?, next()?, next()?);
         let bad = |what: &str, v: &str| format!("bad {what} {v:?} for id {id}");
         let meta = RowMeta {
             id: Id::Json(id),
@@ -127,7 +129,7 @@ impl LineEncoder {
             ts: parse_timestamp(ts).ok_or_else(|| bad("ts", ts))?,
             cts: parse_timestamp(cts).ok_or_else(|| bad("cts", cts))?,
         };
-        self.push_line(out, &meta, resource)?;
+        self.push_line_known(out, &meta, resource, flag == "1")?;
         Ok(id)
     }
 
@@ -139,11 +141,24 @@ impl LineEncoder {
         row: &RowMeta,
         resource: &str,
     ) -> Result<(), String> {
+        self.push_line_known(out, row, resource, mentions_owned_key(resource))
+    }
+
+    /// [`Self::push_line`] when the caller already knows whether the resource has a top-level
+    /// `id`, `resourceType` or `meta` (PostgreSQL's `?|` tells the dump for free), so the text
+    /// is never scanned for them.
+    pub fn push_line_known(
+        &self,
+        out: &mut Vec<u8>,
+        row: &RowMeta,
+        resource: &str,
+        has_owned_keys: bool,
+    ) -> Result<(), String> {
         let body = resource.trim_start();
         if !body.starts_with('{') {
             return Err(format!("resource {} is not a JSON object", row.id));
         }
-        if mentions_owned_key(body) {
+        if has_owned_keys {
             return self.push_merged(out, row, body);
         }
         out.extend_from_slice(&self.prefix);
@@ -555,7 +570,7 @@ mod tests {
         let id = enc
             .push_page_line(
                 &mut a,
-                "\"p\\\"1\"\t42\t2024-01-31 12:05:09.123456\t2023-12-01 00:00:00\t{\"a\": 1.50}",
+                "\"p\\\"1\"\t42\t2024-01-31 12:05:09.123456\t2023-12-01 00:00:00\t0\t{\"a\": 1.50}",
             )
             .unwrap();
         assert_eq!(id, "\"p\\\"1\"");
@@ -571,12 +586,13 @@ mod tests {
         assert!(enc
             .push_page_line(&mut Vec::new(), "\"x\"\t1\t2024")
             .is_err());
-        assert!(enc
-            .push_page_line(
-                &mut Vec::new(),
-                "\"x\"\tone\t2024-01-31 12:05:09\t2024-01-31 12:05:09\t{}"
-            )
-            .is_err());
+        let bad_txid = "\"x\"\tone\t2024-01-31 12:05:09\t2024-01-31 12:05:09\t0\t{}";
+        assert!(enc.push_page_line(&mut Vec::new(), bad_txid).is_err());
+        // The flag sends a stored id to the merge path: no duplicate keys.
+        let mut c = Vec::new();
+        let flagged = "\"x\"\t1\t2024-01-31 12:05:09\t2024-01-31 12:05:09\t1\t{\"id\": \"y\"}";
+        enc.push_page_line(&mut c, flagged).unwrap();
+        assert_eq!(String::from_utf8(c).unwrap().matches("\"id\"").count(), 1);
     }
 
     #[test]
