@@ -200,13 +200,16 @@ fn load_stream<P: Platform>(
     ))
 }
 
+/// A line waiting in a batch: (line number, id, json).
+type Queued = (u64, String, String);
+
 struct Loader<'a, C: Db> {
     conn: &'a mut C,
     tx: Option<Tx>,
     mode: Mode,
     path_type: Option<&'a str>,
-    /// Per type: the queued (line number, id, json) of the next batch.
-    queues: Vec<(String, Vec<(u64, String, String)>)>,
+    /// Per type: the queued lines of the next batch.
+    queues: Vec<(String, Vec<Queued>)>,
     queued_bytes: usize,
     /// Per type, in first-seen order: resources written (counting repeated ids each time).
     loaded: Vec<(String, u64)>,
