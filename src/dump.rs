@@ -21,9 +21,9 @@
 use crate::config::Config;
 use crate::db::{quote_ident, Db, Param, Value};
 use crate::encode::{resource_text_sql, LineEncoder};
-use crate::http::{BodyWriter, Reply, Request, StreamBody};
+use crate::http::{Reply, Request};
 use crate::outcome::ApiError;
-use crate::output::PageOutput;
+use crate::output::{PageOutput, PagedBody, Pages};
 use crate::params::Params;
 use crate::route::table_name;
 
@@ -289,44 +289,27 @@ pub fn start<C: Db + 'static>(conn: C, q: DumpQuery, cfg: &Config) -> Result<Rep
     Ok(Reply::Stream {
         status: 200,
         headers,
-        body: Box::new(DumpStream {
-            pager,
+        body: Box::new(PagedBody {
+            pages: pager,
             first,
             output,
         }),
     })
 }
 
-struct DumpStream<C: Db> {
-    pager: Pager<C>,
-    first: Vec<u8>,
-    output: PageOutput,
-}
+impl<C: Db> Pages for Pager<C> {
+    fn done(&self) -> bool {
+        self.done
+    }
 
-impl<C: Db> StreamBody for DumpStream<C> {
-    fn write_to(self: Box<Self>, out: &mut dyn BodyWriter) -> Result<(), String> {
-        let DumpStream {
-            mut pager,
-            first: mut buf,
-            mut output,
-        } = *self;
-        output.page(out, &buf)?;
-        // One buffer for the whole dump: its capacity settles at the largest page.
-        loop {
-            buf.clear();
-            let lines = pager.next_page(&mut buf).map_err(|e| {
-                format!(
-                    "$dump of {} failed mid-stream: {}",
-                    pager.q.type_name,
-                    e.message()
-                )
-            })?;
-            output.page(out, &buf)?;
-            if lines == 0 || pager.done {
-                break;
-            }
-        }
-        output.finish(out)
+    fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+        Pager::next_page(self, buf).map(drop).map_err(|e| {
+            format!(
+                "$dump of {} failed mid-stream: {}",
+                self.q.type_name,
+                e.message()
+            )
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 //! long-lived deflate stream and a sync flush after every page, so the client can decompress
 //! what it has so far: the response stays a stream instead of arriving at the end.
 
-use crate::http::BodyWriter;
+use crate::http::{BodyWriter, StreamBody};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use std::io::Write;
@@ -50,6 +50,56 @@ impl PageOutput {
             PageOutput::Gzip(gz) => {
                 let tail = gz.finish().map_err(|e| e.to_string())?;
                 out.write(&tail)
+            }
+        }
+    }
+}
+
+/// A source of pages for a streamed body: `$dump`'s keyset pager, `$dump-sql`'s cursor.
+pub trait Pages {
+    /// Whether the last page has been read.
+    fn done(&self) -> bool;
+    /// Appends the next page to `buf`. The error says what failed, for the log.
+    fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), String>;
+    /// After the last page was written (e.g. COMMIT).
+    fn finish(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// After a failure, before the body is aborted (e.g. ROLLBACK, so the connection goes back
+    /// to the pool clean).
+    fn abort(&mut self) {}
+}
+
+/// A streamed body: the first page (read before the headers went out, so that its errors could
+/// still get a status), then every further page, each as one write. One buffer serves the whole
+/// stream: its capacity settles at the largest page, so memory stays flat.
+pub struct PagedBody<P: Pages> {
+    pub pages: P,
+    pub first: Vec<u8>,
+    pub output: PageOutput,
+}
+
+impl<P: Pages> StreamBody for PagedBody<P> {
+    fn write_to(self: Box<Self>, out: &mut dyn BodyWriter) -> Result<(), String> {
+        let PagedBody {
+            mut pages,
+            first: mut buf,
+            mut output,
+        } = *self;
+        let mut run = || -> Result<(), String> {
+            output.page(out, &buf)?;
+            while !pages.done() {
+                buf.clear();
+                pages.next_page(&mut buf)?;
+                output.page(out, &buf)?;
+            }
+            pages.finish()
+        };
+        match run() {
+            Ok(()) => output.finish(out),
+            Err(e) => {
+                pages.abort();
+                Err(e)
             }
         }
     }

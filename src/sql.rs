@@ -44,9 +44,9 @@
 
 use crate::config::Config;
 use crate::db::{Db, DbError, Rows, Value};
-use crate::http::{read_body, BodyWriter, Reply, Request, StreamBody};
+use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
-use crate::output::PageOutput;
+use crate::output::{PageOutput, PagedBody, Pages};
 use crate::params::Params;
 use serde_json::value::RawValue;
 
@@ -1078,8 +1078,8 @@ pub fn dump_sql<C: Db + 'static>(
     Ok(Reply::Stream {
         status: 200,
         headers,
-        body: Box::new(SqlStream {
-            pager,
+        body: Box::new(PagedBody {
+            pages: pager,
             first,
             output: PageOutput::new(opts.gzip),
         }),
@@ -1090,46 +1090,27 @@ fn single_text(rows: &Rows) -> Option<&str> {
     rows.rows.first()?.first()?.as_str()
 }
 
-struct SqlStream<C: Db> {
-    pager: Pager<C>,
-    first: Vec<u8>,
-    output: PageOutput,
-}
+impl<C: Db> Pages for Pager<C> {
+    fn done(&self) -> bool {
+        self.done
+    }
 
-impl<C: Db> StreamBody for SqlStream<C> {
-    fn write_to(self: Box<Self>, out: &mut dyn BodyWriter) -> Result<(), String> {
-        let SqlStream {
-            mut pager,
-            first: mut buf,
-            mut output,
-        } = *self;
-        // Any failure below — a page, or a write because the client went away — rolls the
-        // transaction back before returning, so the connection goes back to the pool clean.
-        let result = (|| {
-            output.page(out, &buf)?;
-            // One buffer for the whole stream: its capacity settles at the largest page.
-            while !pager.done {
-                buf.clear();
-                pager
-                    .next_page(&mut buf)
-                    .map_err(|e| format!("$dump-sql failed mid-stream: {}", e.message()))?;
-                output.page(out, &buf)?;
-            }
-            if pager.tx.open {
-                pager
-                    .tx
-                    .commit()
-                    .map_err(|e| format!("$dump-sql: COMMIT failed: {e}"))?;
-            }
-            Ok::<(), String>(())
-        })();
-        match result {
-            Ok(()) => output.finish(out),
-            Err(e) => {
-                pager.tx.rollback();
-                Err(e)
-            }
+    fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+        Pager::next_page(self, buf)
+            .map_err(|e| format!("$dump-sql failed mid-stream: {}", e.message()))
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        if self.tx.open {
+            self.tx
+                .commit()
+                .map_err(|e| format!("$dump-sql: COMMIT failed: {e}"))?;
         }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.tx.rollback();
     }
 }
 

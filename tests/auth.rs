@@ -4,7 +4,6 @@ mod support;
 use serde_json::{json, Value};
 use support::*;
 
-const ADMIN: &str = "admin:test-admin-secret";
 const SEED: &str = "INSERT INTO patient (id,txid, status, resource) SELECT g.id, g.id, 'created', '{\"name\": [{\"family\": \"John\"}]}' FROM generate_series(1, 100000) AS g (id);";
 
 /// The seed's YAML, verbatim.
@@ -18,10 +17,6 @@ const SEED_YAML: &str = "- resourceType: Client
   link:
   - {id: 'bulk-client', resourceType: 'Client'}
 ";
-
-fn serve(db: &TestDb) -> spin_bulk_host::Host {
-    start(db, &[("admin_secret", "test-admin-secret")])
-}
 
 fn put(host: &spin_bulk_host::Host, user: &str, content_type: &str, body: &str) -> Reply {
     curl(&[
@@ -45,20 +40,10 @@ fn as_user(host: &spin_bulk_host::Host, user: &str, args: &[&str], path: &str) -
     curl(&all)
 }
 
-fn outcome_status(r: &Reply, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
-    assert_eq!(v["resourceType"], "OperationOutcome");
-    v["issue"][0]["diagnostics"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
 #[test]
 fn the_seed_demo_verbatim() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let r = put(&host, ADMIN, "application/yaml", SEED_YAML);
     assert_eq!(r.status, 200, "{}", r.text());
     let stored = r.json();
@@ -83,7 +68,7 @@ fn the_seed_demo_verbatim() {
             Some(u) => as_user(&host, u, &[], "/Patient/$dump"),
             None => curl(&[&format!("{}/Patient/$dump", host.url())]),
         };
-        let why = outcome_status(&r, 401);
+        let why = outcome(&r, 401);
         assert_eq!(
             r.header("www-authenticate"),
             Some("Basic realm=\"spin-bulk\"")
@@ -97,7 +82,7 @@ fn the_seed_demo_verbatim() {
 #[test]
 fn secrets_are_stored_as_argon2id_and_never_returned() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let r = put(&host, ADMIN, "application/yaml", SEED_YAML);
     assert_eq!(r.status, 200);
     let stored: String = db
@@ -125,7 +110,7 @@ fn secrets_are_stored_as_argon2id_and_never_returned() {
 #[test]
 fn no_policy_means_403_and_no_policies_at_all_means_only_admin() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let r = put(
         &host,
         ADMIN,
@@ -134,7 +119,7 @@ fn no_policy_means_403_and_no_policies_at_all_means_only_admin() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let r = as_user(&host, "lonely:pw", &[], "/Patient/$dump");
-    assert!(outcome_status(&r, 403).contains("AccessPolicy"));
+    assert!(outcome(&r, 403).contains("AccessPolicy"));
     // A client without the basic grant cannot use Basic auth.
     put(
         &host,
@@ -143,7 +128,7 @@ fn no_policy_means_403_and_no_policies_at_all_means_only_admin() {
         r#"[{"resourceType":"Client","id":"nobasic","secret":"pw","grant_types":["client_credentials"]},
             {"resourceType":"AccessPolicy","id":"open","engine":"allow"}]"#,
     );
-    outcome_status(&as_user(&host, "nobasic:pw", &[], "/Patient/$dump"), 401);
+    outcome(&as_user(&host, "nobasic:pw", &[], "/Patient/$dump"), 401);
     // The unlinked allow policy now applies to every client.
     assert_eq!(
         as_user(&host, "lonely:pw", &[], "/Patient/$dump").status,
@@ -152,13 +137,13 @@ fn no_policy_means_403_and_no_policies_at_all_means_only_admin() {
     // Admin without admin_secret configured does not exist.
     let db2 = TestDb::new();
     let host2 = start(&db2, &[]);
-    outcome_status(&as_user(&host2, "admin:", &[], "/Patient/$dump"), 401);
+    outcome(&as_user(&host2, "admin:", &[], "/Patient/$dump"), 401);
 }
 
 #[test]
 fn matcho_policy_lets_dump_through_and_stops_everything_else() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let r = put(
         &host,
         ADMIN,
@@ -195,7 +180,7 @@ fn matcho_policy_lets_dump_through_and_stops_everything_else() {
         as_user(&host, "reader:pw", &[], "/Patient/p1"),
     ];
     for r in forbidden {
-        outcome_status(&r, 403);
+        outcome(&r, 403);
     }
     assert_eq!(db.scalar_i64("SELECT count(*) FROM patient"), 1);
 }
@@ -203,7 +188,7 @@ fn matcho_policy_lets_dump_through_and_stops_everything_else() {
 #[test]
 fn put_creates_then_updates_with_new_txids_and_keeps_cts() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let r = put(
         &host,
         ADMIN,
@@ -269,18 +254,18 @@ fn put_creates_then_updates_with_new_txids_and_keeps_cts() {
         as_user(&host, ADMIN, &["-X", "DELETE"], "/Patient/p1").status,
         204
     );
-    outcome_status(&as_user(&host, ADMIN, &[], "/Patient/p1"), 404);
-    outcome_status(
+    outcome(&as_user(&host, ADMIN, &[], "/Patient/p1"), 404);
+    outcome(
         &as_user(&host, ADMIN, &["-X", "DELETE"], "/Patient/p1"),
         404,
     );
-    outcome_status(&as_user(&host, ADMIN, &[], "/Nothing/x"), 404);
+    outcome(&as_user(&host, ADMIN, &[], "/Nothing/x"), 404);
 }
 
 #[test]
 fn put_is_all_or_nothing_and_names_the_bad_entry() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let good = r#"{"resourceType":"Patient","id":"a"},{"resourceType":"Patient","id":"b"}"#;
     for (bad, needle) in [
         ("7", "not a JSON object"),
@@ -301,7 +286,7 @@ fn put_is_all_or_nothing_and_names_the_bad_entry() {
         ),
     ] {
         let r = put(&host, ADMIN, "application/json", &format!("[{good},{bad}]"));
-        let why = outcome_status(&r, 422);
+        let why = outcome(&r, 422);
         assert!(why.starts_with("entry 2: "), "{why}");
         assert!(why.contains(needle), "{why}");
         assert_eq!(db.scalar_i64("SELECT count(*) FROM patient"), 0, "{bad}");
@@ -316,7 +301,7 @@ fn put_is_all_or_nothing_and_names_the_bad_entry() {
         ("application/yaml", "a: [unclosed", 400),
         ("text/csv", "a,b", 415),
     ] {
-        outcome_status(&put(&host, ADMIN, ct, body), status);
+        outcome(&put(&host, ADMIN, ct, body), status);
     }
     assert_eq!(db.scalar_i64("SELECT count(*) FROM patient"), 0);
 }
@@ -324,7 +309,7 @@ fn put_is_all_or_nothing_and_names_the_bad_entry() {
 #[test]
 fn concurrent_puts_of_the_same_id_all_land() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let url = host.url();
     let handles: Vec<_> = (0..8)
         .map(|i| {
@@ -370,14 +355,14 @@ fn concurrent_puts_of_the_same_id_all_land() {
 #[test]
 fn malformed_authorization_headers_are_401() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     for header in ["Basic", "Basic !!!", "Bearer abc", "Basic Zm9vYmFy"] {
         let r = curl(&[
             "-H",
             &format!("Authorization: {header}"),
             &format!("{}/Patient/$dump", host.url()),
         ]);
-        outcome_status(&r, 401);
+        outcome(&r, 401);
     }
     let v: Value = as_user(&host, ADMIN, &[], "/Patient/$dump")
         .body

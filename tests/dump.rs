@@ -9,15 +9,6 @@ use support::*;
 /// The seed from the issue, verbatim.
 const SEED: &str = "INSERT INTO patient (id,txid, status, resource) SELECT g.id, g.id, 'created', '{\"name\": [{\"family\": \"John\"}]}' FROM generate_series(1, 100000) AS g (id);";
 
-/// Every request needs credentials; these tests act as the built-in admin.
-const ADMIN: &str = "admin:test-admin-secret";
-
-fn serve(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
-    let mut vars = vars.to_vec();
-    vars.push(("admin_secret", "test-admin-secret"));
-    start(db, &vars)
-}
-
 fn get(host: &spin_bulk_host::Host, path: &str) -> Reply {
     curl(&["-u", ADMIN, &format!("{}{}", host.url(), path)])
 }
@@ -49,13 +40,6 @@ fn assert_ok_stream(r: &Reply, content_type: &str) {
     assert_eq!(r.header("content-type"), Some(content_type));
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
     assert_eq!(r.header("content-length"), None);
-}
-
-fn outcome(r: &Reply, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
-    assert_eq!(v["resourceType"], "OperationOutcome");
-    v["issue"][0]["diagnostics"].as_str().unwrap().to_string()
 }
 
 #[test]

@@ -9,13 +9,6 @@ use std::time::{Duration, Instant};
 use support::*;
 
 const SEED: &str = "INSERT INTO patient (id,txid, status, resource) SELECT g.id, g.id, 'created', '{\"name\": [{\"family\": \"John\"}]}' FROM generate_series(1, 100000) AS g (id);";
-const ADMIN: &str = "admin:test-admin-secret";
-
-fn serve(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
-    let mut vars = vars.to_vec();
-    vars.push(("admin_secret", "test-admin-secret"));
-    start(db, &vars)
-}
 
 static BODY_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -112,13 +105,6 @@ fn assert_ok(r: &Reply, content_type: &str) {
     );
     assert_eq!(r.exit, 0, "curl: {}", r.stderr);
     assert_eq!(r.header("content-type"), Some(content_type));
-}
-
-fn outcome(r: &Reply, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
-    assert_eq!(v["resourceType"], "OperationOutcome");
-    v["issue"][0]["diagnostics"].as_str().unwrap().to_string()
 }
 
 fn show(b: &[u8]) -> String {

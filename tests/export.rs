@@ -9,7 +9,6 @@ use support::*;
 
 type Host = spin_bulk_host::Host;
 
-const ADMIN: &str = "admin:test-admin-secret";
 const ASYNC: &str = "Prefer: respond-async";
 const IG: &str = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
 
@@ -20,10 +19,6 @@ const CLIENTS: &str = r#"[
   {"resourceType":"Client","id":"d","secret":"s","grant_types":["basic"]},
   {"resourceType":"AccessPolicy","id":"pd","engine":"allow","link":[{"id":"d","resourceType":"Client"}]}
 ]"#;
-
-fn serve(db: &TestDb) -> Host {
-    start(db, &[("admin_secret", "test-admin-secret")])
-}
 
 fn load_sample(db: &TestDb) {
     for t in sample_types() {
@@ -138,13 +133,6 @@ fn ids(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn outcome(r: &Reply, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
-    assert_eq!(v["resourceType"], "OperationOutcome");
-    v["issue"][0]["diagnostics"].as_str().unwrap().to_string()
-}
-
 fn db_now(db: &TestDb) -> String {
     db.client()
         .query_one(
@@ -191,7 +179,7 @@ fn system_export_of_the_sample_equals_dump_of_every_type() {
 fn patient_export_is_the_patient_compartment() {
     let db = TestDb::new();
     load_sample(&db);
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let status = kickoff(&host, ADMIN, "/Patient/$export");
     let m = manifest(&host, ADMIN, &status);
     assert_eq!(
@@ -238,7 +226,7 @@ fn type_since_post_parameters_and_the_consistency_rule() {
     for t in ["Patient", "Observation", "Encounter"] {
         insert_resources(&db, t, &sample(t));
     }
-    let host = serve(&db);
+    let host = serve(&db, &[]);
 
     // _type narrows (and orders) the output.
     let m = manifest(
@@ -366,7 +354,7 @@ fn type_since_post_parameters_and_the_consistency_rule() {
 fn gzip_download_and_absolute_urls_from_the_host_header() {
     let db = TestDb::new();
     insert_resources(&db, "Observation", &sample("Observation"));
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     // The status and file URLs are built from the URL the client used.
     let r = req(
         &host,
@@ -415,7 +403,7 @@ fn gzip_download_and_absolute_urls_from_the_host_header() {
 fn delete_forgets_the_job() {
     let db = TestDb::new();
     insert_resources(&db, "Patient", &sample("Patient"));
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let status = kickoff(&host, ADMIN, "/$export");
     let m = manifest(&host, ADMIN, &status);
     let file = m["output"][0]["url"].as_str().unwrap().to_string();
@@ -447,7 +435,7 @@ fn delete_forgets_the_job() {
 fn only_the_client_that_kicked_off_or_admin_may_read() {
     let db = TestDb::new();
     insert_resources(&db, "Patient", &sample("Patient"));
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     add_clients(&host);
     // Admin's job: invisible to c (404, as if it did not exist).
     let status = kickoff(&host, ADMIN, "/$export");
@@ -498,7 +486,7 @@ fn only_the_client_that_kicked_off_or_admin_may_read() {
 fn bad_parameters_are_refused_unless_lenient() {
     let db = TestDb::new();
     insert_resources(&db, "Patient", &sample("Patient"));
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let d = outcome(&req(&host, ADMIN, &[], "/$export"), 400);
     assert!(d.contains("respond-async"), "{d}");
     for (query, needle) in [
@@ -582,7 +570,7 @@ fn kickoff_with(host: &Host, prefer: &str, path: &str) -> String {
 #[test]
 fn a_client_may_hold_five_exports() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     add_clients(&host);
     let jobs: Vec<String> = (0..5).map(|_| kickoff(&host, "c:s", "/$export")).collect();
     let r = req(&host, "c:s", &["-H", ASYNC], "/$export");
@@ -607,7 +595,7 @@ fn kickoff_creates_the_job_table_when_missing() {
     let db = TestDb::new();
     insert_resources(&db, "Patient", &sample("Patient"));
     db.exec("DROP TABLE bulk_export");
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     outcome(&req(&host, ADMIN, &[], "/$export-status/x"), 404);
     let status = kickoff(&host, ADMIN, "/$export");
     let files = download(&host, ADMIN, &manifest(&host, ADMIN, &status));
@@ -624,7 +612,7 @@ fn a_large_type_is_split_into_parts_of_at_most_100k() {
          SELECT g, g, 'created', '{\"name\": [{\"family\": \"John\"}]}' \
          FROM generate_series(1, 250001) AS g",
     );
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let m = manifest(&host, ADMIN, &kickoff(&host, ADMIN, "/$export"));
     let outputs = m["output"].as_array().unwrap();
     assert_eq!(outputs.len(), 3, "{m}");
@@ -690,7 +678,7 @@ fn dump_ranges_split_a_type_for_parallel_dumps() {
          SELECT md5(g::text), g, 'created', '{\"name\": [{\"family\": \"John\"}]}' \
          FROM generate_series(1, 100000) AS g",
     );
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let whole = req(&host, ADMIN, &[], "/Patient/$dump");
     let whole: Vec<String> = whole.lines().into_iter().map(str::to_string).collect();
     assert_eq!(whole.len(), 100_000);
@@ -756,7 +744,7 @@ fn dump_ranges_split_a_type_for_parallel_dumps() {
 #[test]
 fn metadata_declares_the_bulk_data_operations() {
     let db = TestDb::new();
-    let host = serve(&db);
+    let host = serve(&db, &[]);
     let r = req(&host, ADMIN, &[], "/metadata");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/fhir+json"));

@@ -5,14 +5,6 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use support::*;
 
-const ADMIN: &str = "admin:test-admin-secret";
-
-fn serve(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
-    let mut vars = vars.to_vec();
-    vars.push(("admin_secret", "test-admin-secret"));
-    start(db, &vars)
-}
-
 fn load_file(
     host: &spin_bulk_host::Host,
     path: &str,
@@ -84,13 +76,6 @@ fn checksum(db: &TestDb, table: &str) -> String {
         )
         .unwrap()
         .get(0)
-}
-
-fn outcome(r: &Reply, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
-    assert_eq!(v["resourceType"], "OperationOutcome");
-    v["issue"][0]["diagnostics"].as_str().unwrap().to_string()
 }
 
 #[test]
@@ -404,4 +389,86 @@ fn tiny_chunks_parse_and_a_disconnect_rolls_back() {
         db.name
     ));
     assert_eq!(idle, 0);
+}
+
+/// A one-file HTTP server on loopback: answers `GET /<name>` with `body`, 404 otherwise; serves
+/// until the test ends.
+fn file_server(name: &'static str, body: Vec<u8>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, payload): (&str, &[u8]) = if path == format!("/{name}") {
+                ("200 OK", &body)
+            } else {
+                ("404 Not Found", b"no such file")
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                payload.len()
+            );
+            let _ = stream.write_all(payload);
+        }
+    });
+    port
+}
+
+/// Aidbox's URL form: the file is fetched through Spin's outbound HTTP — only from the origin
+/// `load_source_origin` allows — and gunzipped on the fly because its name ends in `.gz`.
+#[test]
+fn source_url_form_fetches_only_from_the_allowed_origin() {
+    let raw = std::fs::read(sample_dir().join("Patient.ndjson")).unwrap();
+    let port = file_server("Patient.ndjson.gz", gzip(&raw));
+    let origin = format!("http://127.0.0.1:{port}");
+    let db = TestDb::new();
+    let host = serve(&db, &[("load_source_origin", &origin)]);
+    let post = |body: &str| {
+        curl(&[
+            "-u",
+            ADMIN,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &format!("{}/$load", host.url()),
+        ])
+    };
+    let r = post(&format!(
+        r#"{{"source": "{origin}/Patient.ndjson.gz", "resourceType": "Patient"}}"#
+    ));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["loaded"]["Patient"],
+        json!(sample("Patient").len())
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM patient") as usize,
+        sample("Patient").len()
+    );
+    // Missing file at the source, and an origin outside allowed_outbound_hosts: 502, nothing new.
+    let before = checksum(&db, "patient");
+    let why = outcome(
+        &post(&format!(r#"{{"source": "{origin}/nothing.ndjson"}}"#)),
+        502,
+    );
+    assert!(why.contains("404"), "{why}");
+    let other = file_server("Patient.ndjson.gz", gzip(&raw));
+    let why = outcome(
+        &post(&format!(
+            r#"{{"source": "http://127.0.0.1:{other}/Patient.ndjson.gz"}}"#
+        )),
+        502,
+    );
+    assert!(why.to_lowercase().contains("denied"), "{why}");
+    outcome(&post(r#"{"src": "x"}"#), 400);
+    assert_eq!(checksum(&db, "patient"), before);
 }

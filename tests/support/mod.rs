@@ -240,6 +240,27 @@ pub fn start(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
     spin_bulk_host::Host::start(cfg).unwrap_or_else(|e| panic!("starting the host: {e:#}"))
 }
 
+/// The built-in admin's credentials in every test host [`serve`] starts (`curl -u ADMIN`).
+pub const ADMIN: &str = "admin:test-admin-secret";
+
+/// [`start`] with the admin secret behind [`ADMIN`] set: every request needs credentials.
+pub fn serve(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
+    let mut vars = vars.to_vec();
+    vars.push(("admin_secret", "test-admin-secret"));
+    start(db, &vars)
+}
+
+/// Asserts an OperationOutcome answer with this status; returns its first diagnostics.
+pub fn outcome(r: &Reply, status: u16) -> String {
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    v["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// What curl reported.
 #[derive(Debug, Clone)]
 pub struct Reply {

@@ -23,7 +23,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::bindings::fermyon::spin::variables;
 use crate::memory::Limiter;
@@ -39,6 +39,47 @@ pub struct State {
     pub pg: Arc<PgContext>,
     vars: Arc<ComponentVariables>,
     limiter: Limiter,
+    outbound: OutboundHttp,
+}
+
+/// Outbound HTTP as Spin allows it: only to the component's `allowed_outbound_hosts`; any other
+/// request fails with `HttpRequestDenied`, which is what Spin answers.
+struct OutboundHttp {
+    pg: Arc<PgContext>,
+}
+
+impl WasiHttpHooks for OutboundHttp {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        let uri = request.uri();
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        let host = uri.host().unwrap_or("").to_string();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "http" { 80 } else { 443 });
+        if !self.pg.allowed.allows(&scheme, &host, port) {
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        let default: &mut dyn WasiHttpHooks = Default::default();
+        default.send_request(request, options, fut)
+    }
 }
 
 impl WasiView for State {
@@ -55,7 +96,7 @@ impl WasiHttpView for State {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: Default::default(),
+            hooks: &mut self.outbound,
         }
     }
 }
@@ -230,6 +271,9 @@ async fn handle(
         wasi: wasi.build(),
         http: WasiHttpCtx::new(),
         pg: shared.pg.clone(),
+        outbound: OutboundHttp {
+            pg: shared.pg.clone(),
+        },
         vars: shared.vars.clone(),
         limiter: Limiter {
             request_peak,
