@@ -199,7 +199,7 @@ ensure_postgres() {
   }
   local opts="-c listen_addresses=127.0.0.1 -p $port -k $_SB_PG_DIR"
   opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-  opts+=" -c max_connections=300 -c shared_buffers=256MB -c max_wal_size=4GB"
+  opts+=" -c max_connections=300 -c shared_buffers=1GB -c max_wal_size=4GB"
   _pg_as_owner "$_SB_PG_BIN/pg_ctl" -D "$_SB_PG_DIR/data" -l "$_SB_PG_DIR/postgres.log" \
     -o "$opts" -w -t 60 start >/dev/null || {
     cat "$_SB_PG_DIR/postgres.log" >&2
