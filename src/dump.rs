@@ -23,7 +23,7 @@ use crate::db::{quote_ident, Db, Param, Value};
 use crate::encode::{resource_text_sql, LineEncoder};
 use crate::http::{Reply, Request};
 use crate::outcome::ApiError;
-use crate::output::{PageOutput, PagedBody, Pages};
+use crate::output::{PagedBody, Pages};
 use crate::params::Params;
 use crate::route::table_name;
 
@@ -280,21 +280,8 @@ pub fn start<C: Db + 'static>(conn: C, q: DumpQuery, cfg: &Config) -> Result<Rep
     } else {
         "application/ndjson"
     };
-    let mut headers = vec![("content-type".to_string(), content_type.to_string())];
-    if pager.q.gzip {
-        headers.push(("content-encoding".into(), "gzip".into()));
-    }
-    headers.push(("vary".into(), "accept-encoding".into()));
-    let output = PageOutput::new(pager.q.gzip);
-    Ok(Reply::Stream {
-        status: 200,
-        headers,
-        body: Box::new(PagedBody {
-            pages: pager,
-            first,
-            output,
-        }),
-    })
+    let gzip = pager.q.gzip;
+    Ok(PagedBody::reply(pager, first, content_type, gzip))
 }
 
 impl<C: Db> Pages for Pager<C> {

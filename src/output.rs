@@ -4,7 +4,7 @@
 //! long-lived deflate stream and a sync flush after every page, so the client can decompress
 //! what it has so far: the response stays a stream instead of arriving at the end.
 
-use crate::http::{BodyWriter, StreamBody};
+use crate::http::{BodyWriter, Reply, StreamBody};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use std::io::Write;
@@ -77,6 +77,27 @@ pub struct PagedBody<P: Pages> {
     pub pages: P,
     pub first: Vec<u8>,
     pub output: PageOutput,
+}
+
+impl<P: Pages + 'static> PagedBody<P> {
+    /// The 200 streaming reply: the content type, gzip's `Content-Encoding` when compressing,
+    /// and `Vary: Accept-Encoding` (the body depends on it).
+    pub fn reply(pages: P, first: Vec<u8>, content_type: &str, gzip: bool) -> Reply {
+        let mut headers = vec![("content-type".to_string(), content_type.to_string())];
+        if gzip {
+            headers.push(("content-encoding".into(), "gzip".into()));
+        }
+        headers.push(("vary".into(), "accept-encoding".into()));
+        Reply::Stream {
+            status: 200,
+            headers,
+            body: Box::new(PagedBody {
+                pages,
+                first,
+                output: PageOutput::new(gzip),
+            }),
+        }
+    }
 }
 
 impl<P: Pages> StreamBody for PagedBody<P> {

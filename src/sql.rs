@@ -46,7 +46,7 @@ use crate::config::Config;
 use crate::db::{Db, DbError, Rows, Value};
 use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
-use crate::output::{PageOutput, PagedBody, Pages};
+use crate::output::{PagedBody, Pages};
 use crate::params::Params;
 use serde_json::value::RawValue;
 
@@ -1067,23 +1067,12 @@ pub fn dump_sql<C: Db + 'static>(
         pager.tx.commit().map_err(DbError::into_api)?;
     }
 
-    let mut headers = vec![(
-        "content-type".to_string(),
-        opts.format.content_type().to_string(),
-    )];
-    if opts.gzip {
-        headers.push(("content-encoding".into(), "gzip".into()));
-    }
-    headers.push(("vary".into(), "accept-encoding".into()));
-    Ok(Reply::Stream {
-        status: 200,
-        headers,
-        body: Box::new(PagedBody {
-            pages: pager,
-            first,
-            output: PageOutput::new(opts.gzip),
-        }),
-    })
+    Ok(PagedBody::reply(
+        pager,
+        first,
+        opts.format.content_type(),
+        opts.gzip,
+    ))
 }
 
 fn single_text(rows: &Rows) -> Option<&str> {
