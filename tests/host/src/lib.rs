@@ -107,6 +107,8 @@ pub struct RequestStat {
     pub ms: u64,
     /// Largest linear memory (bytes) the request's instance reached.
     pub peak_memory: usize,
+    /// Time spent in PostgreSQL calls (query/execute, host side), in microseconds.
+    pub db_micros: u64,
     pub outcome: Outcome,
 }
 
@@ -119,6 +121,7 @@ impl RequestStat {
             "status": self.status,
             "ms": self.ms,
             "peak_linear_memory": self.peak_memory,
+            "db_ms": self.db_micros as f64 / 1000.0,
             "outcome": self.outcome.as_str(),
         })
         .to_string()

@@ -6,7 +6,9 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio_postgres::config::{Host as PgHost, SslMode};
 use tokio_postgres::types::ToSql;
@@ -159,6 +161,11 @@ fn refs(p: &[pg_types::SqlParam]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 impl State {
+    fn add_db_time(&self, started: Instant) {
+        let micros = started.elapsed().as_micros() as u64;
+        self.db_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
     fn client(&self, c: &Resource<PgConnection>) -> Result<Arc<deadpool_postgres::Object>, Error> {
         self.table
             .get(c)
@@ -196,10 +203,10 @@ impl pg::HostConnection for State {
     ) -> Result<RowSet, Error> {
         let client = self.client(&conn)?;
         let p = params(p)?;
-        let rows = client
-            .query(&statement, &refs(&p))
-            .await
-            .map_err(query_failed)?;
+        let started = Instant::now();
+        let rows = client.query(&statement, &refs(&p)).await;
+        self.add_db_time(started);
+        let rows = rows.map_err(query_failed)?;
         // Like Spin: column types come from the first row, so an empty result has no columns.
         let Some(first) = rows.first() else {
             return Ok(RowSet {
@@ -237,10 +244,10 @@ impl pg::HostConnection for State {
     ) -> Result<u64, Error> {
         let client = self.client(&conn)?;
         let p = params(p)?;
-        client
-            .execute(&statement, &refs(&p))
-            .await
-            .map_err(query_failed)
+        let started = Instant::now();
+        let n = client.execute(&statement, &refs(&p)).await;
+        self.add_db_time(started);
+        n.map_err(query_failed)
     }
 
     async fn drop(&mut self, conn: Resource<PgConnection>) -> wasmtime::Result<()> {

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -37,6 +37,8 @@ pub struct State {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     pub pg: Arc<PgContext>,
+    /// Microseconds this request spent waiting on PostgreSQL (query/execute), for `--stats`.
+    pub db_micros: Arc<AtomicU64>,
     vars: Arc<ComponentVariables>,
     limiter: Limiter,
     outbound: OutboundHttp,
@@ -205,6 +207,7 @@ async fn handle(
 ) -> Result<Response<StatsBody>, Infallible> {
     let started = Instant::now();
     let request_peak = Arc::new(AtomicUsize::new(0));
+    let db_micros = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = watch::channel(None::<HandlerEnd>);
     let rec = Recorder {
         shared: shared.clone(),
@@ -213,6 +216,7 @@ async fn handle(
         status: 0,
         started,
         request_peak: request_peak.clone(),
+        db_micros: db_micros.clone(),
         done: done_rx,
     };
 
@@ -271,6 +275,7 @@ async fn handle(
         wasi: wasi.build(),
         http: WasiHttpCtx::new(),
         pg: shared.pg.clone(),
+        db_micros,
         outbound: OutboundHttp {
             pg: shared.pg.clone(),
         },
@@ -345,6 +350,7 @@ struct Recorder {
     status: u16,
     started: Instant,
     request_peak: Arc<AtomicUsize>,
+    db_micros: Arc<AtomicU64>,
     done: watch::Receiver<Option<HandlerEnd>>,
 }
 
@@ -371,6 +377,7 @@ impl Recorder {
             status: self.status,
             ms: self.started.elapsed().as_millis() as u64,
             peak_memory: self.request_peak.load(Ordering::Relaxed),
+            db_micros: self.db_micros.load(Ordering::Relaxed),
             outcome,
         };
         if let Some(observer) = &self.shared.observer {
