@@ -255,7 +255,7 @@ impl<C: Db> Loader<'_, C> {
                 continue;
             }
             resources += 1;
-            match prepare(text.to_string(), self.path_type, self.salt) {
+            match prepare(text, self.path_type, self.salt) {
                 Ok(p) => {
                     if self.errors.is_empty() {
                         self.queue(number, p.type_name, p.id, p.json)?;

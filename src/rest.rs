@@ -57,7 +57,7 @@ pub fn put<C: Db>(
 ) -> Result<Reply, ApiError> {
     let mut prepared: Vec<Prepared> = Vec::new();
     for (i, json) in entries(req)?.into_iter().enumerate() {
-        let p = prepare(json, None, salt).map_err(|why| {
+        let p = prepare(&json, None, salt).map_err(|why| {
             ApiError::new(422, "processing", format!("entry {i}: {why}"))
                 .with_expression(format!("[{i}]"))
         })?;

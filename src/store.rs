@@ -3,9 +3,10 @@
 //! A write runs inside a transaction the caller opened ([`Tx::begin`]), takes one txid from
 //! `transaction_id_seq` for the whole transaction, and upserts batches of documents with one
 //! statement per batch: ids and JSON texts travel as two `text[]` parameters, are unnested and
-//! cast to jsonb *in SQL* (Spin's jsonb parameter would round numbers through f64), and
-//! `id`/`resourceType` and the server-owned meta fields are stripped there too. Tables for new
-//! types are created in the same transaction, so a failed write leaves no trace.
+//! cast to jsonb *in SQL* (Spin's jsonb parameter would round numbers through f64). The texts
+//! come already stripped of `id`/`resourceType` and the server-owned meta fields
+//! ([`crate::resource::prepare`]). Tables for new types are created in the same transaction, so
+//! a failed write leaves no trace.
 
 use crate::db::{quote_ident, Db, DbError, Param, Rows};
 use crate::route::table_name;
@@ -88,7 +89,7 @@ impl Tx {
         Ok(())
     }
 
-    /// Writes one batch of `(id, json)` documents of one type. Within the batch a repeated id
+    /// Writes one batch of `(id, stored json)` documents of one type. Within the batch a repeated id
     /// keeps its last document (one statement cannot touch a row twice). With `returning`,
     /// answers the stored rows in the dump's column shape (see [`crate::dump`]).
     pub fn write<C: Db>(
@@ -120,14 +121,8 @@ impl Tx {
         };
         let sql = format!(
             "INSERT INTO {table} AS t (id, txid, cts, ts, resource_type, status, resource) \
-             SELECT u.id, $3, now(), now(), $4, 'created', \
-                    (d - 'id' - 'resourceType' - 'meta') || \
-                    CASE WHEN jsonb_typeof(d->'meta') = 'object' \
-                          AND (d->'meta') - 'versionId' - 'lastUpdated' - 'createdAt' <> '{{}}'::jsonb \
-                         THEN jsonb_build_object('meta', (d->'meta') - 'versionId' - 'lastUpdated' - 'createdAt') \
-                         ELSE '{{}}'::jsonb END \
+             SELECT u.id, $3, now(), now(), $4, 'created', u.doc::jsonb \
              FROM unnest($1::text[], $2::text[]) AS u(id, doc) \
-             CROSS JOIN LATERAL (SELECT u.doc::jsonb AS d) j \
              {conflict} {ret}"
         );
         let params = vec![

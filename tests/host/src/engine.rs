@@ -19,6 +19,11 @@ pub fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
         config.wasm_component_model(true);
+        // `SPIN_BULK_HOST_PERFMAP=1`: write /tmp/perf-<pid>.map so `perf report` names the
+        // component's functions (for profiling the hot path; off by default).
+        if std::env::var_os("SPIN_BULK_HOST_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         // Compiled code is cached on disk too (keyed by content), so separate test binaries do
         // not each pay for Cranelift. Without a usable cache directory it simply compiles.
         if let Ok(cache) = wasmtime::Cache::new(wasmtime::CacheConfig::new()) {
