@@ -633,6 +633,15 @@ impl Format {
 /// A value in COPY's text format: backslash escapes for `\`, and for the control characters
 /// COPY escapes (`\b \f \n \r \t \v`); other bytes pass unchanged (UTF-8 stays UTF-8).
 pub fn tsv_field(out: &mut Vec<u8>, v: &[u8]) {
+    // Most values need no escape: one branch-free pass the compiler vectorises (a quarter of
+    // the component's time went here, byte by byte, before).
+    let special = v
+        .iter()
+        .fold(false, |any, &c| any | (c < 0x0e) | (c == b'\\'));
+    if !special {
+        out.extend_from_slice(v);
+        return;
+    }
     let mut start = 0;
     for (i, &c) in v.iter().enumerate() {
         let esc = match c {
@@ -660,7 +669,9 @@ pub fn tsv_field(out: &mut Vec<u8>, v: &[u8]) {
 pub fn csv_field(out: &mut Vec<u8>, v: &[u8], single_column: bool) {
     let quote = v.is_empty()
         || (single_column && v == b"\\.")
-        || v.iter().any(|&c| matches!(c, b',' | b'"' | b'\n' | b'\r'));
+        || v.iter().fold(false, |any, &c| {
+            any | (c == b',') | (c == b'"') | (c == b'\n') | (c == b'\r')
+        });
     if !quote {
         out.extend_from_slice(v);
         return;
@@ -717,10 +728,8 @@ pub fn for_each_field(
                         i += 2;
                     }
                     Some(_) => {
-                        let run = body[i..]
-                            .iter()
-                            .position(|&c| c == b'"' || c == b'\\')
-                            .unwrap_or(body.len() - i);
+                        let run =
+                            memchr::memchr2(b'"', b'\\', &body[i..]).unwrap_or(body.len() - i);
                         scratch.extend_from_slice(&body[i..i + run]);
                         i += run;
                     }
@@ -728,10 +737,7 @@ pub fn for_each_field(
             }
             f(Some(scratch));
         } else {
-            let run = body[i..]
-                .iter()
-                .position(|&c| c == b',')
-                .unwrap_or(body.len() - i);
+            let run = memchr::memchr(b',', &body[i..]).unwrap_or(body.len() - i);
             let v = &body[i..i + run];
             f(if v.is_empty() { None } else { Some(v) });
             i += run;
