@@ -438,7 +438,7 @@ fn read_line(reader: &mut dyn BufRead, line: &mut Vec<u8>, max: usize) -> Result
         if available.is_empty() {
             return Ok(Ended::Eof);
         }
-        let (used, done) = match memchr_newline(available) {
+        let (used, done) = match memchr::memchr(b'\n', available) {
             Some(i) => (i + 1, true),
             None => (available.len(), false),
         };
@@ -452,10 +452,6 @@ fn read_line(reader: &mut dyn BufRead, line: &mut Vec<u8>, max: usize) -> Result
             return Ok(Ended::Newline);
         }
     }
-}
-
-fn memchr_newline(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {

@@ -357,7 +357,13 @@ struct Recorder {
 impl Recorder {
     fn respond(mut self, resp: Response<HyperOutgoingBody>) -> Response<StatsBody> {
         self.status = resp.status().as_u16();
+        let length = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         resp.map(|inner| StatsBody {
+            length,
+            sent: 0,
             inner,
             body_end: None,
             rec: Some(self),
@@ -415,6 +421,10 @@ enum BodyEnd {
 /// happens), noting how it ended.
 pub struct StatsBody {
     inner: HyperOutgoingBody,
+    /// The body's Content-Length, when it has one: hyper stops polling once that many bytes
+    /// went out, so the end of such a body is never seen as a `None` frame.
+    length: Option<u64>,
+    sent: u64,
     body_end: Option<BodyEnd>,
     rec: Option<Recorder>,
 }
@@ -430,6 +440,9 @@ impl Body for StatsBody {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
             Poll::Ready(None) => this.body_end = Some(BodyEnd::Clean),
             Poll::Ready(Some(Err(_))) => this.body_end = Some(BodyEnd::Error),
             _ => {}
@@ -450,9 +463,8 @@ impl Drop for StatsBody {
     fn drop(&mut self) {
         if let Some(rec) = self.rec.take() {
             // hyper never polls a body that says it is empty from the start.
-            let end = self
-                .body_end
-                .or(self.inner.is_end_stream().then_some(BodyEnd::Clean));
+            let complete = self.inner.is_end_stream() || self.length == Some(self.sent);
+            let end = self.body_end.or(complete.then_some(BodyEnd::Clean));
             rec.finish(end);
         }
     }
