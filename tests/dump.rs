@@ -43,6 +43,20 @@ fn assert_ok_stream(r: &Reply, content_type: &str) {
     assert_eq!(r.header("content-length"), None);
 }
 
+/// The whole `$dump` of patients: a complete ndjson stream holding every row of the table
+/// once, in id order. Returns the reply and its parsed lines.
+fn dump_every_patient(host: &spin_bulk_host::Host, db: &TestDb, what: &str) -> (Reply, Vec<Value>) {
+    let r = get(host, "/Patient/$dump");
+    assert_ok_stream(&r, "application/ndjson");
+    let lines = parse_lines(&r);
+    let ids: Vec<String> = lines
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ids_in_db_order(db, "patient"), "{what}");
+    (r, lines)
+}
+
 #[test]
 fn seed_flow_dumps_100k_patients_in_id_order_with_meta() {
     let db = TestDb::new();
@@ -146,14 +160,7 @@ fn page_boundaries_give_every_row_once_in_order() {
             ));
         }
         let host = serve(&db, &[("page_bytes", "1024")]);
-        let r = get(&host, "/Patient/$dump");
-        assert_ok_stream(&r, "application/ndjson");
-        let lines = parse_lines(&r);
-        let ids: Vec<String> = lines
-            .iter()
-            .map(|l| l["id"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(ids, ids_in_db_order(&db, "patient"), "n = {n}");
+        let (_, lines) = dump_every_patient(&host, &db, &format!("n = {n}"));
         for l in &lines {
             let n: u64 = l["n"].as_u64().unwrap();
             assert_eq!(l["pad"].as_str().unwrap().len() as u64, 50 + n % 200);
@@ -204,14 +211,7 @@ fn size_jumps_within_a_page_keep_every_row_in_order() {
            FROM generate_series(1, 40) g) v",
     );
     let host = serve(&db, &[("page_bytes", "262144")]);
-    let r = get(&host, "/Patient/$dump");
-    assert_ok_stream(&r, "application/ndjson");
-    let lines = parse_lines(&r);
-    let ids: Vec<String> = lines
-        .iter()
-        .map(|l| l["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids, ids_in_db_order(&db, "patient"));
+    let (_, lines) = dump_every_patient(&host, &db, "size jumps");
     let mut c = db.client();
     let sizes: HashMap<String, i64> = c
         .query(
@@ -257,13 +257,7 @@ fn awkward_ids_and_stored_meta() {
     )
     .unwrap();
     let host = serve(&db, &[]);
-    let r = get(&host, "/Patient/$dump");
-    assert_ok_stream(&r, "application/ndjson");
-    let ids: Vec<String> = parse_lines(&r)
-        .iter()
-        .map(|l| l["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids, ids_in_db_order(&db, "patient"));
+    let (r, _) = dump_every_patient(&host, &db, "awkward ids");
     let last_line = r
         .lines()
         .into_iter()
