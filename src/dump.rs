@@ -247,9 +247,9 @@ impl<C: Db> Pager<C> {
         let (encoder, conn, single_sql) = (&self.encoder, &mut self.conn, &self.single_sql);
         let mut db_error = None;
         let mut left_out_bytes = 0;
-        let page = encoder.push_page(buf, &text, |out, row| {
+        let page = encoder.push_page(buf, &text, |out, id| {
             let mut params = single_params.clone();
-            params.push(Param::Str(row.id.to_string()));
+            params.push(Param::Str(id.to_string()));
             let text = match Self::query(conn, single_sql, params) {
                 Ok((text, _)) => text,
                 Err(PageError::Db(e)) => {

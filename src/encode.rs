@@ -55,12 +55,6 @@ pub struct PageLines<'t> {
     pub last_id: Option<&'t str>,
 }
 
-/// A row the page query left out for its size (`len\tid` without the rest): the caller
-/// fetches it alone and writes it at this position.
-pub struct LeftOut<'t> {
-    pub id: &'t str,
-}
-
 /// Writes ndjson lines for one resource type. Built once per request.
 pub struct LineEncoder {
     /// `{"resourceType":"Patient","id":` — the same for every line.
@@ -111,12 +105,12 @@ impl LineEncoder {
     /// tabs and newlines; nothing else here can), the instants as UTC `timestamp` text, `cts`
     /// empty when it equals `ts`, the resource as PostgreSQL's jsonb text, which never holds a
     /// raw tab or newline. A row left out for its size is just `len\tid`: `left_out` is called
-    /// at its position and writes it.
+    /// with its id at its position, and writes it (the caller reads it alone).
     pub fn push_page<'t>(
         &self,
         out: &mut Vec<u8>,
         text: &'t str,
-        mut left_out: impl FnMut(&mut Vec<u8>, LeftOut<'t>) -> Result<(), String>,
+        mut left_out: impl FnMut(&mut Vec<u8>, &'t str) -> Result<(), String>,
     ) -> Result<PageLines<'t>, String> {
         let mut page = PageLines::default();
         let mut rest = text;
@@ -135,7 +129,7 @@ impl LineEncoder {
                     None if after_id.is_empty() => after_id,
                     None => return Err(short()),
                 };
-                left_out(out, LeftOut { id })?;
+                left_out(out, id)?;
                 continue;
             };
             let end = memchr::memchr(b'\n', fields.as_bytes()).unwrap_or(fields.len());
@@ -323,8 +317,28 @@ impl OwnedKeys {
     }
 }
 
-/// The members of a JSON object in their stored order, values kept as raw JSON text.
+/// The members of a JSON object in their stored order, values kept as raw JSON text. A key
+/// borrows from `json` unless it holds an escape (serde's own `Cow<str>` always allocates).
 pub fn top_level_members(json: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, serde_json::Error> {
+    struct Key<'de>(Cow<'de, str>);
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v.to_string())))
+                }
+            }
+            d.deserialize_str(KeyVisitor)
+        }
+    }
     struct Members;
     impl<'de> Visitor<'de> for Members {
         type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
@@ -333,7 +347,7 @@ pub fn top_level_members(json: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, s
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut out = Vec::new();
-            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                 let value: &'de RawValue = map.next_value()?;
                 out.push((key, value));
             }
@@ -576,8 +590,8 @@ mod tests {
         }
     }
 
-    fn no_left_out(_: &mut Vec<u8>, row: LeftOut) -> Result<(), String> {
-        Err(format!("unexpected left-out row {}", row.id))
+    fn no_left_out(_: &mut Vec<u8>, id: &str) -> Result<(), String> {
+        Err(format!("unexpected left-out row {id}"))
     }
 
     #[test]
@@ -636,8 +650,8 @@ mod tests {
         let mut out = Vec::new();
         let page = "1\ta\t1\t2024-01-31 12:05:09\t\t{}\n2\tb\n\n1\tc\t1\t2024-01-31 12:05:09\t\t{}\n2\td\n";
         let got = enc
-            .push_page(&mut out, page, |out, row| {
-                out.extend_from_slice(format!("<{}>\n", row.id).as_bytes());
+            .push_page(&mut out, page, |out, id| {
+                out.extend_from_slice(format!("<{id}>\n").as_bytes());
                 Ok(())
             })
             .unwrap();
@@ -660,6 +674,14 @@ mod tests {
             cts: CTS,
         };
         assert!(enc.push_line(&mut Vec::new(), &row, "[1]").is_err());
+    }
+
+    #[test]
+    fn members_borrow_keys_without_escapes() {
+        let m = top_level_members(r#"{"a": 1, "b\"c": [2]}"#).unwrap();
+        assert!(matches!(m[0].0, Cow::Borrowed("a")));
+        assert!(matches!(&m[1].0, Cow::Owned(k) if k == "b\"c"));
+        assert_eq!(m[1].1.get(), "[2]");
     }
 
     #[test]

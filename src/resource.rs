@@ -9,7 +9,7 @@
 //! rather than failing every request later.
 
 use crate::auth;
-use crate::encode::{push_json_str, top_level_members};
+use crate::encode::top_level_members;
 use crate::policy;
 use crate::route::valid_type_name;
 use serde_json::value::RawValue;
@@ -96,44 +96,52 @@ pub fn prepare(
 /// columns); an empty or non-object meta is dropped. Values are copied raw. Duplicate keys stay
 /// duplicates: jsonb keeps the last one, so the meta we read is the last one too.
 fn stored_text(members: &[(Cow<str>, &RawValue)]) -> String {
-    let mut out = Vec::with_capacity(
+    let mut out = String::with_capacity(
         members
             .iter()
             .map(|(k, v)| k.len() + v.get().len() + 4)
             .sum::<usize>()
             + 2,
     );
-    out.push(b'{');
-    let push = |out: &mut Vec<u8>, key: &str, value: &[u8]| {
+    out.push('{');
+    // Built as a `String` from `&str` pieces: no second UTF-8 pass over the document.
+    let push = |out: &mut String, key: &Cow<str>, value: &str| {
         if out.len() > 1 {
-            out.push(b',');
+            out.push(',');
         }
-        push_json_str(out, key);
-        out.push(b':');
-        out.extend_from_slice(value);
+        match key {
+            // A key the parser could borrow had no escapes in the text, so it needs none.
+            Cow::Borrowed(k) => {
+                out.push('"');
+                out.push_str(k);
+                out.push('"');
+            }
+            Cow::Owned(k) => out.push_str(&Value::String(k.clone()).to_string()),
+        }
+        out.push(':');
+        out.push_str(value);
     };
     for (key, value) in members {
         if !matches!(key.as_ref(), "id" | "resourceType" | "meta") {
-            push(&mut out, key, value.get().as_bytes());
+            push(&mut out, key, value.get());
         }
     }
     let meta = members.iter().rev().find(|(k, _)| k == "meta");
     // Not an object: top_level_members refuses it, and the meta is dropped.
     if let Some(fields) = meta.and_then(|(_, v)| top_level_members(v.get()).ok()) {
-        let mut inner = vec![b'{'];
+        let mut inner = String::from("{");
         for (key, value) in &fields {
             if !matches!(key.as_ref(), "versionId" | "lastUpdated" | "createdAt") {
-                push(&mut inner, key, value.get().as_bytes());
+                push(&mut inner, key, value.get());
             }
         }
         if inner.len() > 1 {
-            inner.push(b'}');
-            push(&mut out, "meta", &inner);
+            inner.push('}');
+            push(&mut out, &Cow::Borrowed("meta"), &inner);
         }
     }
-    out.push(b'}');
-    // Built from the slices of a valid UTF-8 text and escaped keys.
-    String::from_utf8(out).expect("JSON text stays UTF-8")
+    out.push('}');
+    out
 }
 
 /// FHIR ids are `[A-Za-z0-9\-\.]{1,64}`; stored data in the wild is looser, so we accept any
