@@ -153,7 +153,13 @@ pub fn check_id(id: &str) -> Result<(), String> {
     if id.len() > 255 {
         return Err("id longer than 255 bytes".into());
     }
-    if id.chars().any(|c| c.is_control() || c == '/') {
+    // Once per loaded line: ASCII ids (nearly all) are checked byte by byte.
+    let bad = if id.is_ascii() {
+        id.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'/')
+    } else {
+        id.chars().any(|c| c.is_control() || c == '/')
+    };
+    if bad {
         return Err(format!("id {id:?} contains a control character or '/'"));
     }
     Ok(())
@@ -275,6 +281,17 @@ mod tests {
             let e = prep(json, path).unwrap_err();
             assert!(e.contains(needle), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn ids_refuse_control_characters_and_slashes() {
+        for ok in ["p1", "a-b.c_d", "ünï-cødé", "with space", "q\"uote\\"] {
+            assert_eq!(check_id(ok), Ok(()), "{ok:?}");
+        }
+        for bad in ["", "a/b", "tab\t", "nl\n", "del\u{7f}", "c1\u{85}ü", "ü/"] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_id(&"x".repeat(256)).is_err());
     }
 
     #[test]
