@@ -384,6 +384,18 @@ impl<C: Db> Loader<'_, C> {
                     .as_deref()
                     .and_then(|d| d.strip_prefix("Key (id)=("))
                     .and_then(|d| d.strip_suffix(") already exists."));
+                if self.mode == Mode::Upsert {
+                    // The race of the plain-insert fast path (see `crate::store`).
+                    return ApiError::new(
+                        409,
+                        "conflict",
+                        format!(
+                            "another transaction wrote {type_name}/{} while this load ran; \
+                             nothing was loaded; retry the load",
+                            id.unwrap_or("…")
+                        ),
+                    );
+                }
                 let line = id.and_then(|id| lines.iter().find(|(_, i)| i == id).map(|(n, _)| *n));
                 return match (line, id) {
                     (Some(n), Some(id)) => ApiError::new(

@@ -7,6 +7,21 @@
 //! come already stripped of `id`/`resourceType` and the server-owned meta fields
 //! ([`crate::resource::prepare`]). Tables for new types are created in the same transaction, so
 //! a failed write leaves no trace.
+//!
+//! # Bulk upserts insert plainly when they can
+//!
+//! `INSERT … ON CONFLICT` pays for speculative insertion on every row (an extra index descent
+//! and a confirmation record per row): measured on PostgreSQL 15, 10K-row batches of the seed's
+//! tiny patients took 78–102 ms with it and 36–71 ms without. Bulk writes (no `RETURNING`, i.e.
+//! `$load`) therefore first ask whether any id of the batch exists (one index probe per id, no
+//! heap access) and, when none does, insert plainly; otherwise, and for the rest of the
+//! transaction on that table, they upsert with `ON CONFLICT`. The one behaviour this changes:
+//! when another transaction inserts one of the batch's ids between the probe and the insert,
+//! the plain insert fails with a unique violation and the whole load rolls back (409, nothing
+//! written, safe to retry), where `ON CONFLICT` would have waited and updated the row —
+//! PostgreSQL's own `MERGE` behaves the same way. A savepoint per batch would hide the race but
+//! costs a subtransaction per batch, and past 64 of them every other session's snapshots
+//! overflow to `pg_subtrans` lookups.
 
 use crate::db::{quote_ident, Db, DbError, Param, Rows};
 use crate::route::table_name;
@@ -39,6 +54,8 @@ pub enum Mode {
 pub struct Tx {
     pub txid: i64,
     tables: HashSet<String>,
+    /// Types whose table already held one of this transaction's ids: upsert them directly.
+    upserting: HashSet<String>,
 }
 
 impl Tx {
@@ -55,6 +72,7 @@ impl Tx {
         Ok(Tx {
             txid,
             tables: HashSet::new(),
+            upserting: HashSet::new(),
         })
     }
 
@@ -104,13 +122,20 @@ impl Tx {
         let docs = last_wins(docs);
         let (ids, texts): (Vec<String>, Vec<String>) = docs.into_iter().unzip();
         let table = quote_ident(&table_name(type_name));
-        let conflict = match mode {
-            Mode::Upsert => {
-                "ON CONFLICT (id) DO UPDATE SET txid = excluded.txid, ts = excluded.ts, \
-                 status = 'updated', resource_type = excluded.resource_type, \
-                 resource = excluded.resource"
-            }
-            Mode::Insert => "",
+        // Bulk upserts insert plainly while none of their ids exists (see the module docs).
+        let plain = mode == Mode::Insert
+            || (!returning
+                && !self.upserting.contains(type_name)
+                && !any_exists(conn, &table, &ids)?);
+        if mode == Mode::Upsert && !plain {
+            self.upserting.insert(type_name.to_string());
+        }
+        let conflict = if plain {
+            ""
+        } else {
+            "ON CONFLICT (id) DO UPDATE SET txid = excluded.txid, ts = excluded.ts, \
+             status = 'updated', resource_type = excluded.resource_type, \
+             resource = excluded.resource"
         };
         let ret = if returning {
             // Secrets are hashes, but even hashes stay in the database.
@@ -141,6 +166,18 @@ impl Tx {
             })
         }
     }
+}
+
+/// Whether any of `ids` is a row of `table` (an index-only probe per id, stopping at the first).
+fn any_exists<C: Db>(conn: &mut C, table: &str, ids: &[String]) -> Result<bool, DbError> {
+    let rows = conn.query(
+        &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE id = ANY($1::text[]))"),
+        vec![Param::StrArray(ids.to_vec())],
+    )?;
+    Ok(matches!(
+        rows.rows.first().and_then(|r| r.first()),
+        Some(crate::db::Value::Bool(true))
+    ))
 }
 
 /// Keeps the last document of each id, in the order of their last occurrence.

@@ -330,6 +330,105 @@ fn repeated_ids_last_wins_and_insert_mode_refuses_existing_ids() {
     assert_eq!(checksum(&db, "patient"), before);
 }
 
+/// Batches whose ids are all new are inserted plainly, a batch with an existing id upserts (and
+/// so do the table's later batches): whichever way a batch went, existing rows are updated in
+/// place and new ones created. 25K lines make three batches; the existing ids sit in the last.
+#[test]
+fn upserts_update_existing_ids_and_create_new_ones_batch_by_batch() {
+    let db = TestDb::new();
+    let host = serve(&db, &[]);
+    let line =
+        |id: &str, n: u32| format!("{{\"resourceType\":\"Patient\",\"id\":\"{id}\",\"n\":{n}}}\n");
+    let first: String = ["x1", "x2", "x3"].iter().map(|id| line(id, 1)).collect();
+    assert_eq!(load_text(&host, "/$load", &first).status, 200);
+
+    let mut body: String = (0..24_000)
+        .map(|i| line(&format!("new-{i:05}"), 2))
+        .collect();
+    body.push_str(&line("x2", 2));
+    body.push_str(&line("fresh", 2));
+    let r = load_text(&host, "/$load", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let txid = r.json()["txid"].as_i64().unwrap();
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM patient"),
+        3 + 24_000 + 1
+    );
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM patient WHERE txid = {txid} AND status = 'created' AND resource->>'n' = '2'"
+        )),
+        24_001
+    );
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM patient WHERE id = 'x2' AND txid = {txid} AND status = 'updated' AND resource->>'n' = '2'"
+        )),
+        1
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM patient WHERE id IN ('x1', 'x3') AND status = 'created' AND resource->>'n' = '1'"),
+        2
+    );
+}
+
+/// The plain-insert path's one race: another transaction inserts one of the batch's ids after
+/// the existence check. The load waits for that transaction, then fails as a whole with 409 and
+/// writes nothing; the other writer's row stays as it wrote it.
+#[test]
+fn a_concurrent_insert_of_the_same_id_fails_the_whole_load_with_409() {
+    let db = TestDb::new();
+    let host = serve(&db, &[]);
+    let mut other = db.client();
+    let mut tx = other.transaction().unwrap();
+    tx.batch_execute(
+        "INSERT INTO patient (id, txid, status, resource) VALUES ('race', 1, 'created', '{\"by\": \"other\"}')",
+    )
+    .unwrap();
+
+    let url = host.url();
+    let loader = std::thread::spawn(move || {
+        let file = tmp_file(
+            b"{\"resourceType\":\"Patient\",\"id\":\"mine\"}\n{\"resourceType\":\"Patient\",\"id\":\"race\",\"by\":\"load\"}\n",
+        );
+        curl(&[
+            "-u",
+            ADMIN,
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/ndjson",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("{url}/$load"),
+        ])
+    });
+    // The load's INSERT blocks on the uncommitted 'race' row; commit once it waits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.scalar_i64(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO%patient%'",
+    ) == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the load never waited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    tx.commit().unwrap();
+
+    let r = loader.join().unwrap();
+    let why = outcome(&r, 409);
+    assert!(
+        why.contains("Patient/race") && why.contains("retry"),
+        "{why}"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM patient"), 1);
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT count(*) FROM patient WHERE id = 'race' AND resource->>'by' = 'other'"
+        ),
+        1
+    );
+}
+
 /// A body that arrives in tiny chunked pieces, splitting lines and UTF-8 sequences; and a client
 /// that disconnects mid-body.
 #[test]
