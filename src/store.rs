@@ -168,10 +168,23 @@ impl Tx {
     }
 }
 
-/// Whether any of `ids` is a row of `table` (an index-only probe per id, stopping at the first).
+/// Whether any of `ids` is a row of `table`. First one index probe for any row between the
+/// batch's smallest and largest id (in the column's collation, so PostgreSQL takes them); only
+/// when there is one, a probe per id. `CASE` evaluates the second subquery only when asked:
+/// into an empty table or past its ids, a 10K-id batch costs one probe instead of 10K
+/// (19–35 ms per 10K ids against 200K rows). The per-id probe joins `unnest` rather than
+/// `id = ANY($1)`: planning `ANY` estimates each of the array's 10K values (5 ms per batch,
+/// paid even when the `CASE` never runs it).
 fn any_exists<C: Db>(conn: &mut C, table: &str, ids: &[String]) -> Result<bool, DbError> {
     let rows = conn.query(
-        &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE id = ANY($1::text[]))"),
+        &format!(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM {table} \
+                                      WHERE id >= (SELECT min(i) FROM unnest($1::text[]) AS i) \
+                                        AND id <= (SELECT max(i) FROM unnest($1::text[]) AS i)) \
+                    THEN EXISTS (SELECT 1 FROM unnest($1::text[]) AS u(i) \
+                                 JOIN {table} AS t ON t.id = u.i) \
+                    ELSE false END"
+        ),
         vec![Param::StrArray(ids.to_vec())],
     )?;
     Ok(matches!(
