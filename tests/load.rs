@@ -400,6 +400,8 @@ fn a_concurrent_insert_of_the_same_id_fails_the_whole_load_with_409() {
             "content-type: application/ndjson",
             "--data-binary",
             &format!("@{}", file.display()),
+            "--max-time",
+            "60",
             &format!("{url}/$load"),
         ])
     });
