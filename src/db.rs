@@ -86,6 +86,17 @@ pub struct Rows {
     pub rows: Vec<Vec<Value>>,
 }
 
+impl Rows {
+    /// Whether the first column of the first row is `true` (the answer of an `EXISTS` or
+    /// `IS NOT NULL` probe).
+    pub fn first_is_true(&self) -> bool {
+        matches!(
+            self.rows.first().and_then(|r| r.first()),
+            Some(Value::Bool(true))
+        )
+    }
+}
+
 /// What can go wrong talking to PostgreSQL, keeping what PostgreSQL said.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DbError {
@@ -201,6 +212,16 @@ pub struct Fetched {
 /// [`crate::route::valid_type_name`], so this is belt and braces.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Whether the table named `table` (unquoted; quoted here) exists. Reads the catalog only, so
+/// it takes no lock on the table.
+pub fn table_exists<C: Db>(conn: &mut C, table: &str) -> Result<bool, DbError> {
+    conn.query(
+        "SELECT to_regclass($1) IS NOT NULL",
+        vec![Param::Str(quote_ident(table))],
+    )
+    .map(|rows| rows.first_is_true())
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@
 
 use crate::auth::Principal;
 use crate::config::Config;
-use crate::db::{quote_ident, Db, DbError, Param, Value};
+use crate::db::{quote_ident, table_exists, Db, DbError, Param, Value};
 use crate::dump::{self, DumpQuery};
 use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
@@ -797,16 +797,7 @@ pub fn dump_ranges<C: Db>(conn: &mut C, req: &Request, type_name: &str) -> Resul
         ));
     }
     let table = table_name(type_name);
-    let exists = conn
-        .query(
-            "SELECT to_regclass($1) IS NOT NULL",
-            vec![Param::Str(quote_ident(&table))],
-        )
-        .map_err(DbError::into_api)?;
-    if !matches!(
-        exists.rows.first().and_then(|r| r.first()),
-        Some(Value::Bool(true))
-    ) {
+    if !table_exists(conn, &table).map_err(DbError::into_api)? {
         return Err(ApiError::not_found(format!(
             "no table for resource type {type_name}"
         )));

@@ -13,9 +13,10 @@
 //! `INSERT … ON CONFLICT` pays for speculative insertion on every row (an extra index descent
 //! and a confirmation record per row): measured on PostgreSQL 15, 10K-row batches of the seed's
 //! tiny patients took 78–102 ms with it and 36–71 ms without. Bulk writes (no `RETURNING`, i.e.
-//! `$load`) therefore first ask whether any id of the batch exists (one index probe per id, no
-//! heap access) and, when none does, insert plainly; otherwise, and for the rest of the
-//! transaction on that table, they upsert with `ON CONFLICT`. The one behaviour this changes:
+//! `$load`) therefore first ask whether any id of the batch exists ([`any_exists`]: one index
+//! probe for the batch's id range, one per id only when that range holds rows) and, when none
+//! does, insert plainly; otherwise, and for the rest of the transaction on that table, they
+//! upsert with `ON CONFLICT`. The one behaviour this changes:
 //! when another transaction inserts one of the batch's ids between the probe and the insert,
 //! the plain insert fails with a unique violation and the whole load rolls back (409, nothing
 //! written, safe to retry), where `ON CONFLICT` would have waited and updated the row —
@@ -23,7 +24,7 @@
 //! costs a subtransaction per batch, and past 64 of them every other session's snapshots
 //! overflow to `pg_subtrans` lookups.
 
-use crate::db::{quote_ident, Db, DbError, Param, Rows};
+use crate::db::{quote_ident, table_exists, Db, DbError, Param, Rows};
 use crate::route::table_name;
 use std::collections::{HashMap, HashSet};
 
@@ -92,15 +93,7 @@ impl Tx {
             return Ok(());
         }
         // Skip the DDL (and its lock) when the table is already there, the common case.
-        let exists = conn.query(
-            "SELECT to_regclass($1) IS NOT NULL",
-            vec![Param::Str(quote_ident(&table_name(type_name)))],
-        )?;
-        let present = matches!(
-            exists.rows.first().and_then(|r| r.first()),
-            Some(crate::db::Value::Bool(true))
-        );
-        if !present {
+        if !table_exists(conn, &table_name(type_name))? {
             conn.execute(&create_table_sql(type_name), Vec::new())?;
         }
         self.tables.insert(type_name.to_string());
@@ -176,7 +169,7 @@ impl Tx {
 /// `id = ANY($1)`: planning `ANY` estimates each of the array's 10K values (5 ms per batch,
 /// paid even when the `CASE` never runs it).
 fn any_exists<C: Db>(conn: &mut C, table: &str, ids: &[String]) -> Result<bool, DbError> {
-    let rows = conn.query(
+    conn.query(
         &format!(
             "SELECT CASE WHEN EXISTS (SELECT 1 FROM {table} \
                                       WHERE id >= (SELECT min(i) FROM unnest($1::text[]) AS i) \
@@ -186,11 +179,8 @@ fn any_exists<C: Db>(conn: &mut C, table: &str, ids: &[String]) -> Result<bool, 
                     ELSE false END"
         ),
         vec![Param::StrArray(ids.to_vec())],
-    )?;
-    Ok(matches!(
-        rows.rows.first().and_then(|r| r.first()),
-        Some(crate::db::Value::Bool(true))
-    ))
+    )
+    .map(|rows| rows.first_is_true())
 }
 
 /// Keeps the last document of each id, in the order of their last occurrence.
