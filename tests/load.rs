@@ -372,6 +372,35 @@ fn upserts_update_existing_ids_and_create_new_ones_batch_by_batch() {
     );
 }
 
+/// A table made elsewhere whose `id` has a collation of its own (ICU's root here, where 'B'
+/// sorts after 'a'; the database's is C): the existence probe compares in the column's
+/// collation, so a batch ['B', 'a'] still finds the stored 'B' and upserts it.
+#[test]
+fn upserts_probe_ids_in_the_id_columns_own_collation() {
+    let db = TestDb::new();
+    let host = serve(&db, &[]);
+    db.exec(
+        "CREATE TABLE thing (id text COLLATE \"und-x-icu\" PRIMARY KEY, txid bigint NOT NULL, \
+           cts timestamptz NOT NULL DEFAULT now(), ts timestamptz NOT NULL DEFAULT now(), \
+           resource_type text NOT NULL DEFAULT 'Thing', status text NOT NULL, resource jsonb NOT NULL);
+         INSERT INTO thing (id, txid, status, resource) VALUES ('B', 1, 'created', '{\"v\": 1}')",
+    );
+    let r = load_text(
+        &host,
+        "/Thing/$load",
+        "{\"id\":\"B\",\"v\":2}\n{\"id\":\"a\",\"v\":2}\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM thing WHERE resource->>'v' = '2'"),
+        2
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM thing WHERE id = 'B' AND status = 'updated'"),
+        1
+    );
+}
+
 /// The plain-insert path's one race: another transaction inserts one of the batch's ids after
 /// the existence check. The load waits for that transaction, then fails as a whole with 409 and
 /// writes nothing; the other writer's row stays as it wrote it.
