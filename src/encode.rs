@@ -120,7 +120,7 @@ impl LineEncoder {
         let mut rest = text;
         while !rest.is_empty() {
             let short = || format!("bad page line: {:.80}", rest);
-            let (len, after_len) = rest.split_once('\t').ok_or_else(short)?;
+            let (len, after_len) = cut(rest, b'\t').ok_or_else(short)?;
             let len: usize = len.parse().map_err(|_| short())?;
             let id = after_len.get(..len).ok_or_else(short)?;
             let after_id = &after_len[len..];
@@ -137,12 +137,16 @@ impl LineEncoder {
                 continue;
             };
             let end = memchr::memchr(b'\n', fields.as_bytes()).unwrap_or(fields.len());
-            let mut f = fields[..end].splitn(4, '\t');
-            let (Some(txid), Some(ts), Some(cts), Some(resource)) =
-                (f.next(), f.next(), f.next(), f.next())
-            else {
+            let mut f = &fields[..end];
+            let mut field = || {
+                let (value, after) = cut(f, b'\t')?;
+                f = after;
+                Some(value)
+            };
+            let (Some(txid), Some(ts), Some(cts)) = (field(), field(), field()) else {
                 return Err(short());
             };
+            let resource = f;
             let bad = |what: &str, v: &str| format!("bad {what} {v:?} for id {id:?}");
             let ts_value = instants.get(ts).ok_or_else(|| bad("ts", ts))?;
             let meta = RowMeta {
@@ -418,6 +422,12 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
         // serde_json writes into a Vec without failing.
         let _ = serde_json::to_writer(&mut *out, s);
     }
+}
+
+/// Splits at the first `byte` (ASCII, so always at a char boundary), without it.
+fn cut(s: &str, byte: u8) -> Option<(&str, &str)> {
+    let at = memchr::memchr(byte, s.as_bytes())?;
+    Some((&s[..at], &s[at + 1..]))
 }
 
 /// An RFC 3339 UTC instant, rendered once: `2024-01-31T12:00:00.123Z` (milliseconds) or with
