@@ -11,8 +11,12 @@ fn load_file(
     file: &std::path::Path,
     extra: &[&str],
 ) -> Reply {
+    load_url(&format!("{}{}", host.url(), path), file, extra)
+}
+
+/// POSTs `file` as ndjson to `url` as admin (usable from a thread that doesn't own the host).
+fn load_url(url: &str, file: &std::path::Path, extra: &[&str]) -> Reply {
     let data = format!("@{}", file.display());
-    let url = format!("{}{}", host.url(), path);
     let mut args = vec![
         "-u",
         ADMIN,
@@ -24,7 +28,7 @@ fn load_file(
         &data,
     ];
     args.extend_from_slice(extra);
-    args.push(&url);
+    args.push(url);
     curl(&args)
 }
 
@@ -314,17 +318,7 @@ fn repeated_ids_last_wins_and_insert_mode_refuses_existing_ids() {
     );
     let before = checksum(&db, "patient");
     let file = tmp_file(b"{\"resourceType\":\"Patient\",\"id\":\"c\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n");
-    let r = curl(&[
-        "-u",
-        ADMIN,
-        "-X",
-        "POST",
-        "-H",
-        "content-type: application/ndjson",
-        "--data-binary",
-        &format!("@{}", file.display()),
-        &format!("{}/$load?mode=insert", host.url()),
-    ]);
+    let r = load_file(&host, "/$load?mode=insert", &file, &[]);
     let why = outcome(&r, 409);
     assert!(why.contains("line 2") && why.contains("Patient/b"), "{why}");
     assert_eq!(checksum(&db, "patient"), before);
@@ -415,24 +409,12 @@ fn a_concurrent_insert_of_the_same_id_fails_the_whole_load_with_409() {
     )
     .unwrap();
 
-    let url = host.url();
+    let url = format!("{}/$load", host.url());
     let loader = std::thread::spawn(move || {
         let file = tmp_file(
             b"{\"resourceType\":\"Patient\",\"id\":\"mine\"}\n{\"resourceType\":\"Patient\",\"id\":\"race\",\"by\":\"load\"}\n",
         );
-        curl(&[
-            "-u",
-            ADMIN,
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/ndjson",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            "--max-time",
-            "60",
-            &format!("{url}/$load"),
-        ])
+        load_url(&url, &file, &["--max-time", "60"])
     });
     // The load's INSERT blocks on the uncommitted 'race' row; commit once it waits.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
