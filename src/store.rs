@@ -54,10 +54,16 @@ pub enum Mode {
 /// An open write transaction.
 pub struct Tx {
     pub txid: i64,
-    /// Per type written so far: the collation of its table's `id` column, as SQL.
-    tables: HashMap<String, String>,
-    /// Types whose table already held one of this transaction's ids: upsert them directly.
-    upserting: HashSet<String>,
+    /// Per type written so far.
+    tables: HashMap<String, TableState>,
+}
+
+/// What a transaction learned about one type's table.
+struct TableState {
+    /// The collation of the `id` column, as SQL (`"default"` unless the table was made otherwise).
+    collation: String,
+    /// The table already held one of this transaction's ids: upsert directly, no probe.
+    upserting: bool,
 }
 
 impl Tx {
@@ -74,7 +80,6 @@ impl Tx {
         Ok(Tx {
             txid,
             tables: HashMap::new(),
-            upserting: HashSet::new(),
         })
     }
 
@@ -88,31 +93,40 @@ impl Tx {
         let _ = conn.execute("ROLLBACK", Vec::new());
     }
 
-    /// Makes sure the type's table exists (once per type per transaction) and answers the
-    /// collation of its `id` column (`"default"` unless the table was made otherwise), in which
-    /// the bulk probe must compare ids to agree with the primary key.
-    fn ensure_table<C: Db>(&mut self, conn: &mut C, type_name: &str) -> Result<String, DbError> {
-        if let Some(collation) = self.tables.get(type_name) {
-            return Ok(collation.clone());
+    /// Makes sure the type's table exists (once per type per transaction) and reads the
+    /// collation of its `id` column, in which the bulk probe must compare ids to agree with the
+    /// primary key.
+    fn ensure_table<C: Db>(
+        &mut self,
+        conn: &mut C,
+        type_name: &str,
+    ) -> Result<&mut TableState, DbError> {
+        if !self.tables.contains_key(type_name) {
+            let table = table_name(type_name);
+            // Skip the DDL (and its lock) when the table is already there, the common case.
+            let mut rows = conn.query(
+                "SELECT a.attcollation::regcollation::text FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attname = 'id' AND NOT a.attisdropped",
+                vec![Param::Str(quote_ident(&table))],
+            )?;
+            let collation = match rows.rows.first_mut().and_then(|r| r.first_mut()) {
+                Some(v) => v
+                    .take_string()
+                    .ok_or_else(|| DbError::Other("no collation name for the id column".into()))?,
+                None => {
+                    conn.execute(&create_table_sql(type_name), Vec::new())?;
+                    "\"default\"".to_string()
+                }
+            };
+            let state = TableState {
+                collation,
+                upserting: false,
+            };
+            self.tables.insert(type_name.to_string(), state);
         }
-        let table = table_name(type_name);
-        // Skip the DDL (and its lock) when the table is already there, the common case.
-        let mut rows = conn.query(
-            "SELECT a.attcollation::regcollation::text FROM pg_attribute a \
-             WHERE a.attrelid = to_regclass($1) AND a.attname = 'id' AND NOT a.attisdropped",
-            vec![Param::Str(quote_ident(&table))],
-        )?;
-        let collation = match rows.rows.first_mut().and_then(|r| r.first_mut()) {
-            Some(v) => v
-                .take_string()
-                .ok_or_else(|| DbError::Other("no collation name for the id column".into()))?,
-            None => {
-                conn.execute(&create_table_sql(type_name), Vec::new())?;
-                "\"default\"".to_string()
-            }
-        };
-        self.tables.insert(type_name.to_string(), collation.clone());
-        Ok(collation)
+        self.tables
+            .get_mut(type_name)
+            .ok_or_else(|| DbError::Other("table state lost".into()))
     }
 
     /// Writes one batch of `(id, stored json)` documents of one type. Within the batch a repeated id
@@ -126,17 +140,18 @@ impl Tx {
         mode: Mode,
         returning: bool,
     ) -> Result<Rows, DbError> {
-        let collation = self.ensure_table(conn, type_name)?;
+        let txid = self.txid;
+        let state = self.ensure_table(conn, type_name)?;
         let docs = last_wins(docs);
         let (ids, texts): (Vec<String>, Vec<String>) = docs.into_iter().unzip();
         let table = quote_ident(&table_name(type_name));
         // Bulk upserts insert plainly while none of their ids exists (see the module docs).
         let plain = mode == Mode::Insert
             || (!returning
-                && !self.upserting.contains(type_name)
-                && !any_exists(conn, &table, &collation, &ids)?);
+                && !state.upserting
+                && !any_exists(conn, &table, &state.collation, &ids)?);
         if mode == Mode::Upsert && !plain {
-            self.upserting.insert(type_name.to_string());
+            state.upserting = true;
         }
         let conflict = if plain {
             ""
@@ -161,7 +176,7 @@ impl Tx {
         let params = vec![
             Param::StrArray(ids),
             Param::StrArray(texts),
-            Param::Int(self.txid),
+            Param::Int(txid),
             Param::Str(type_name.to_string()),
         ];
         if returning {
