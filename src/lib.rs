@@ -24,6 +24,7 @@ pub mod policy;
 pub mod resource;
 pub mod rest;
 pub mod route;
+pub mod rowtext;
 pub mod sql;
 pub mod store;
 

@@ -4,15 +4,14 @@
 //! # Text conversion: PostgreSQL renders, we only escape
 //! Spin hands most types over as `unsupported` bytes and fails a whole query on a bare
 //! timestamptz column, so no value of the user's query may reach Spin in its own type. Every
-//! row is rendered by PostgreSQL as *one* text value:
-//! - TSV / CSV: `SELECT ROW(t.*)::text FROM (<query>) t`. A record's text output is each
-//!   column's own output function (what COPY writes: timestamptz in the session's TimeZone,
-//!   bytea as `\x…`, floats with `extra_float_digits`, …), joined by record syntax that is
-//!   unambiguous: a NULL is an empty field, an empty string is `""`, and a field with `"`, `\`,
-//!   `(`, `)`, `,` or white space is quoted with `"` and `\` doubled. We parse that back
-//!   ([`for_each_field`]) and escape each field the way COPY's text or CSV format does.
-//!   `t.*` (not `t`) because a column named `t` would win over the whole-row reference, and
-//!   `ROW(...)` because it also works with duplicate or zero columns.
+//! row is rendered by PostgreSQL as *one* text value (one value per row, not per column:
+//! each value crossing the boundary costs a guest allocation and a host call):
+//! - TSV / CSV: a tab-separated line built in SQL from each column's own output function (what
+//!   COPY writes: timestamptz in the session's TimeZone, bytea as `\x…`, floats with
+//!   `extra_float_digits`, bool as `t`, …), with `\` and tab escaped and NULL as `\N`; or, for
+//!   queries with no columns or a pseudo-typed one, PostgreSQL's record syntax
+//!   (`ROW(t.*)::text`). [`crate::rowtext`] builds both and turns them into COPY's TSV or CSV.
+//!   Their column types come from a second describe query (below).
 //! - ndjson: `SELECT row_to_json(t.*)::text FROM (<query>) t`, PostgreSQL's own JSON, verbatim.
 //!
 //! Column names (for the header, and the column count, since `()` is both "no columns" and
@@ -48,6 +47,7 @@ use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
 use crate::output::{PagedBody, Pages};
 use crate::params::Params;
+use crate::rowtext::{self, encode_row, header_line, Format, RowText};
 use serde_json::value::RawValue;
 
 /// Largest request body accepted (a query and its parameters).
@@ -610,203 +610,6 @@ impl Statement {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Output encoding
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Tsv,
-    Csv,
-    Ndjson,
-}
-
-impl Format {
-    fn content_type(self) -> &'static str {
-        match self {
-            Format::Tsv => "text/tab-separated-values",
-            Format::Csv => "text/csv",
-            Format::Ndjson => "application/ndjson",
-        }
-    }
-}
-
-/// A value in COPY's text format: backslash escapes for `\`, and for the control characters
-/// COPY escapes (`\b \f \n \r \t \v`); other bytes pass unchanged (UTF-8 stays UTF-8).
-pub fn tsv_field(out: &mut Vec<u8>, v: &[u8]) {
-    // Most values need no escape: one branch-free pass the compiler vectorises (a quarter of
-    // the component's time went here, byte by byte, before).
-    let special = v
-        .iter()
-        .fold(false, |any, &c| any | (c < 0x0e) | (c == b'\\'));
-    if !special {
-        out.extend_from_slice(v);
-        return;
-    }
-    let mut start = 0;
-    for (i, &c) in v.iter().enumerate() {
-        let esc = match c {
-            b'\\' => b'\\',
-            b'\n' => b'n',
-            b'\r' => b'r',
-            b'\t' => b't',
-            0x08 => b'b',
-            0x0c => b'f',
-            0x0b => b'v',
-            _ => continue,
-        };
-        out.extend_from_slice(&v[start..i]);
-        out.push(b'\\');
-        out.push(esc);
-        start = i + 1;
-    }
-    out.extend_from_slice(&v[start..]);
-}
-
-/// A non-NULL value in COPY's CSV format. COPY quotes only when needed: a delimiter, quote,
-/// CR or LF inside, an empty string (unquoted empty is NULL), or `\.` as the only column (it
-/// would read as end-of-data). The csv crate can't express "empty but not NULL" per field,
-/// hence this.
-pub fn csv_field(out: &mut Vec<u8>, v: &[u8], single_column: bool) {
-    let quote = v.is_empty()
-        || (single_column && v == b"\\.")
-        || v.iter().fold(false, |any, &c| {
-            any | (c == b',') | (c == b'"') | (c == b'\n') | (c == b'\r')
-        });
-    if !quote {
-        out.extend_from_slice(v);
-        return;
-    }
-    out.push(b'"');
-    let mut start = 0;
-    for (i, &c) in v.iter().enumerate() {
-        if c == b'"' {
-            out.extend_from_slice(&v[start..=i]);
-            out.push(b'"');
-            start = i + 1;
-        }
-    }
-    out.extend_from_slice(&v[start..]);
-    out.push(b'"');
-}
-
-/// Calls `f(Some(value))` or `f(None)` (NULL) for each field of a record's text output
-/// (`(1,,"a ""b""",)`), which must have `ncols` fields. `scratch` holds unescaped quoted
-/// fields, reused across rows.
-pub fn for_each_field(
-    rec: &[u8],
-    ncols: usize,
-    scratch: &mut Vec<u8>,
-    mut f: impl FnMut(Option<&[u8]>),
-) -> Result<(), String> {
-    let bad = || format!("unexpected record text from PostgreSQL ({ncols} columns)");
-    let body = match rec {
-        [b'(', body @ .., b')'] => body,
-        _ => return Err(bad()),
-    };
-    if ncols == 0 {
-        return if body.is_empty() { Ok(()) } else { Err(bad()) };
-    }
-    let mut i = 0;
-    let mut col = 0;
-    loop {
-        if body.get(i) == Some(&b'"') {
-            scratch.clear();
-            i += 1;
-            loop {
-                match body.get(i) {
-                    None => return Err(bad()),
-                    Some(b'"') if body.get(i + 1) == Some(&b'"') => {
-                        scratch.push(b'"');
-                        i += 2;
-                    }
-                    Some(b'"') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(b'\\') => {
-                        scratch.push(*body.get(i + 1).ok_or_else(bad)?);
-                        i += 2;
-                    }
-                    Some(_) => {
-                        let run =
-                            memchr::memchr2(b'"', b'\\', &body[i..]).unwrap_or(body.len() - i);
-                        scratch.extend_from_slice(&body[i..i + run]);
-                        i += run;
-                    }
-                }
-            }
-            f(Some(scratch));
-        } else {
-            let run = memchr::memchr(b',', &body[i..]).unwrap_or(body.len() - i);
-            let v = &body[i..i + run];
-            f(if v.is_empty() { None } else { Some(v) });
-            i += run;
-        }
-        col += 1;
-        match body.get(i) {
-            None => break,
-            Some(b',') => i += 1,
-            Some(_) => return Err(bad()),
-        }
-    }
-    if col == ncols {
-        Ok(())
-    } else {
-        Err(bad())
-    }
-}
-
-/// Appends one row (PostgreSQL's text for it) to the page in the requested format.
-fn encode_row(
-    out: &mut Vec<u8>,
-    format: Format,
-    ncols: usize,
-    row: &str,
-    scratch: &mut Vec<u8>,
-) -> Result<(), String> {
-    match format {
-        Format::Ndjson => out.extend_from_slice(row.as_bytes()),
-        Format::Tsv => {
-            let mut first = true;
-            for_each_field(row.as_bytes(), ncols, scratch, |v| {
-                if !std::mem::take(&mut first) {
-                    out.push(b'\t');
-                }
-                match v {
-                    None => out.extend_from_slice(b"\\N"),
-                    Some(v) => tsv_field(out, v),
-                }
-            })?;
-        }
-        Format::Csv => {
-            let mut first = true;
-            for_each_field(row.as_bytes(), ncols, scratch, |v| {
-                if !std::mem::take(&mut first) {
-                    out.push(b',');
-                }
-                if let Some(v) = v {
-                    csv_field(out, v, ncols == 1);
-                }
-            })?;
-        }
-    }
-    out.push(b'\n');
-    Ok(())
-}
-
-fn header_line(out: &mut Vec<u8>, format: Format, names: &[String]) {
-    for (i, name) in names.iter().enumerate() {
-        if i > 0 {
-            out.push(if format == Format::Csv { b',' } else { b'\t' });
-        }
-        match format {
-            Format::Csv => csv_field(out, name.as_bytes(), names.len() == 1),
-            _ => tsv_field(out, name.as_bytes()),
-        }
-    }
-    out.push(b'\n');
-}
-
 /// Column names in order, duplicates kept, from the describe query's `{"a":null,…}`.
 fn object_keys(json: &str) -> Result<Vec<String>, String> {
     struct Keys(Vec<String>);
@@ -920,6 +723,7 @@ impl<C: Db> Drop for Tx<C> {
 struct Pager<C: Db> {
     tx: Tx<C>,
     format: Format,
+    shape: RowText,
     ncols: usize,
     sizer: Sizer,
     scratch: Vec<u8>,
@@ -948,8 +752,15 @@ impl<C: Db> Pager<C> {
             };
             bytes += text.len() as u64;
             max_row = max_row.max(text.len() as u64);
-            encode_row(buf, self.format, self.ncols, text, &mut self.scratch)
-                .map_err(PageError::Shape)?;
+            encode_row(
+                buf,
+                self.format,
+                self.shape,
+                self.ncols,
+                text,
+                &mut self.scratch,
+            )
+            .map_err(PageError::Shape)?;
         }
         self.sizer.saw(n, rows.len() as u64, bytes, max_row);
         if (rows.len() as u64) < n {
@@ -1031,15 +842,44 @@ pub fn dump_sql<C: Db + 'static>(
             .ok_or_else(|| ApiError::internal("describing the query returned no row"))?;
         names = object_keys(desc).map_err(ApiError::internal)?;
     }
-    let prefix = format!(
-        "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {}(t.*)::text FROM (\n",
-        if opts.format == Format::Ndjson {
-            "row_to_json"
+    // One text per row (see `rowtext`): a tab-separated line made from each column's output
+    // function when the column types allow it, else PostgreSQL's record syntax.
+    let mut shape = RowText::Record;
+    let (prefix, sql) = if opts.format == Format::Ndjson {
+        let prefix =
+            format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT row_to_json(t.*)::text FROM (\n");
+        let sql = format!("{prefix}{}\n) t", stmt.sql);
+        (prefix, sql)
+    } else {
+        let select = if names.is_empty() {
+            None
         } else {
-            "ROW"
+            let (prefix, sql) = rowtext::types_sql(&stmt.sql, names.len());
+            let rows = tx
+                .conn
+                .query(&sql, Vec::new())
+                .map_err(|e| stmt.error(e, prefix.chars().count() + 2))?;
+            let desc = single_text(&rows)
+                .ok_or_else(|| ApiError::internal("describing the columns returned no row"))?;
+            let types = rowtext::parse_types(desc, names.len()).map_err(ApiError::internal)?;
+            rowtext::line_select(&types)
+        };
+        match select {
+            Some(select) => {
+                shape = RowText::Line;
+                let prefix = format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {select} FROM ");
+                let sql = format!("{prefix}{}", rowtext::positional(&stmt.sql, names.len()));
+                // `positional` opens with "(\n" before the query.
+                (format!("{prefix}(\n"), sql)
+            }
+            None => {
+                let prefix =
+                    format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT ROW(t.*)::text FROM (\n");
+                let sql = format!("{prefix}{}\n) t", stmt.sql);
+                (prefix, sql)
+            }
         }
-    );
-    let sql = format!("{prefix}{}\n) t", stmt.sql);
+    };
     tx.conn
         .execute(&sql, Vec::new())
         .map_err(|e| stmt.error(e, prefix.chars().count()))?;
@@ -1047,6 +887,7 @@ pub fn dump_sql<C: Db + 'static>(
     let mut pager = Pager {
         tx,
         format: opts.format,
+        shape,
         ncols: names.len(),
         sizer: Sizer {
             budget: cfg.page_bytes,
@@ -1298,51 +1139,6 @@ mod tests {
         // In our own wrapper text: no position before the query, its end after it.
         assert_eq!(st.original_position("3", 5), None);
         assert_eq!(st.original_position("40", 5), Some(22));
-    }
-
-    #[test]
-    fn record_fields() {
-        let mut scratch = Vec::new();
-        let mut got: Vec<Option<String>> = Vec::new();
-        for_each_field(br#"(1,,"","a""b\\c",x)"#, 5, &mut scratch, |v| {
-            got.push(v.map(|v| String::from_utf8(v.to_vec()).unwrap()))
-        })
-        .unwrap();
-        assert_eq!(
-            got,
-            vec![
-                Some("1".into()),
-                None,
-                Some("".into()),
-                Some("a\"b\\c".into()),
-                Some("x".into())
-            ]
-        );
-        let mut n = 0;
-        for_each_field(b"()", 0, &mut scratch, |_| n += 1).unwrap();
-        assert_eq!(n, 0);
-        for_each_field(b"()", 1, &mut scratch, |v| assert!(v.is_none())).unwrap();
-        assert!(for_each_field(b"(1,2)", 1, &mut scratch, |_| ()).is_err());
-        assert!(for_each_field(b"(\"1)", 1, &mut scratch, |_| ()).is_err());
-    }
-
-    #[test]
-    fn copy_escaping() {
-        let mut out = Vec::new();
-        tsv_field(&mut out, b"a\tb\nc\rd\\e\x08\x0c\x0b\x01");
-        assert_eq!(out, b"a\\tb\\nc\\rd\\\\e\\b\\f\\v\x01");
-        for (v, single, want) in [
-            (&b""[..], false, &b"\"\""[..]),
-            (b"a,b", false, b"\"a,b\""),
-            (b"say \"hi\"", false, b"\"say \"\"hi\"\"\""),
-            (b"\\.", true, b"\"\\.\""),
-            (b"\\.", false, b"\\."),
-            (b" x ", false, b" x "),
-        ] {
-            let mut out = Vec::new();
-            csv_field(&mut out, v, single);
-            assert_eq!(out, want);
-        }
     }
 
     #[test]
