@@ -3,8 +3,9 @@
 //!
 //! Every value crossing Spin's PostgreSQL interface costs a guest allocation and a host call
 //! (measured: the bench query's four columns as four text values took 2.5 s outside
-//! PostgreSQL for 1M rows, one value per row 0.8 s), so a row comes over as *one* text that PostgreSQL rendered (and Spin can't mangle: no
-//! value of the user's query ever reaches Spin in its own type). Two shapes:
+//! PostgreSQL for 1M rows, one value per row 0.8 s), so a row comes over as *one* text that
+//! PostgreSQL rendered (and Spin can't mangle: no value of the user's query ever reaches Spin
+//! in its own type). Two shapes:
 //!
 //! - [`RowText::Line`] (the usual one): a tab-separated line made in SQL from each column's
 //!   own output function — exactly what COPY writes for it (bool as `t`, `char(n)` padded,
