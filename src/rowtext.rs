@@ -60,10 +60,6 @@ const PLAIN_TYPES: &[u32] = &[
 const TEXT: u32 = 25;
 const VARCHAR: u32 = 1043;
 
-/// PostgreSQL's limit on a function's arguments (`concat_ws` takes the separator and at most
-/// 99 more).
-const MAX_CONCAT_ARGS: usize = 99;
-
 /// A column of the user's query as the describe query reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnType {
@@ -151,25 +147,31 @@ pub fn line_select(types: &[ColumnType]) -> Option<String> {
                 format!("coalesce({text}, E'\\\\N')")
             } else {
                 format!(
-                    "coalesce(replace(replace({text}, E'\\\\', E'\\\\\\\\'), E'\\t', E'\\\\t'), \
+                    "coalesce(pg_catalog.replace(pg_catalog.replace({text}, E'\\\\', E'\\\\\\\\'), \
+                     E'\\t', E'\\\\t'), \
                      E'\\\\N')"
                 )
             }
         })
         .collect();
-    Some(concat_tabs(&fields))
+    Some(join_tabs(&fields))
 }
 
-/// `concat_ws(E'\t', …)` over any number of fields (nested past the argument limit).
-fn concat_tabs(fields: &[String]) -> String {
+/// The fields joined by tabs with `||`, as a balanced tree: each level copies the line once
+/// (a left-leaning chain copies the growing prefix at every field). `concat_ws` measured ~10%
+/// slower on the bench query: it looks up each argument's output function on every row, and
+/// takes at most 100 arguments. `OPERATOR(pg_catalog.||)` so that no operator of the caller's
+/// schemas can stand in for it.
+fn join_tabs(fields: &[String]) -> String {
     if fields.len() == 1 {
         return fields[0].clone();
     }
-    if fields.len() <= MAX_CONCAT_ARGS {
-        return format!("concat_ws(E'\\t', {})", fields.join(", "));
-    }
-    let groups: Vec<String> = fields.chunks(MAX_CONCAT_ARGS).map(concat_tabs).collect();
-    concat_tabs(&groups)
+    let (left, right) = fields.split_at(fields.len() / 2);
+    format!(
+        "({} OPERATOR(pg_catalog.||) E'\\t' OPERATOR(pg_catalog.||) {})",
+        join_tabs(left),
+        join_tabs(right)
+    )
 }
 
 /// Appends one row (PostgreSQL's text for it) to the page in the requested format.
@@ -530,13 +532,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(types[1], col(16, false, "pg_catalog.boolout"));
+        let escaped = |v: &str| {
+            format!(
+                "coalesce(pg_catalog.replace(pg_catalog.replace({v}, E'\\\\', E'\\\\\\\\'), \
+                 E'\\t', E'\\\\t'), E'\\\\N')"
+            )
+        };
+        let tab = " OPERATOR(pg_catalog.||) E'\\t' OPERATOR(pg_catalog.||) ";
         assert_eq!(
             line_select(&types).unwrap(),
-            "concat_ws(E'\\t', \
-             coalesce(replace(replace(q.c1, E'\\\\', E'\\\\\\\\'), E'\\t', E'\\\\t'), E'\\\\N'), \
-             coalesce(pg_catalog.boolout(q.c2)::text, E'\\\\N'), \
-             coalesce(replace(replace(pg_catalog.bpcharout(q.c3)::text, E'\\\\', E'\\\\\\\\'), \
-             E'\\t', E'\\\\t'), E'\\\\N'))"
+            format!(
+                "({}{tab}(coalesce(pg_catalog.boolout(q.c2)::text, E'\\\\N'){tab}{}))",
+                escaped("q.c1"),
+                escaped("pg_catalog.bpcharout(q.c3)::text")
+            )
         );
         assert!(parse_types("25 b pg_catalog.textout", 2).is_err());
         assert!(parse_types("x b f", 1).is_err());
@@ -546,11 +555,12 @@ mod tests {
             None
         );
         assert_eq!(line_select(&[]), None);
-        // Past PostgreSQL's 100 arguments, concat_ws nests.
+        // A wide query: a balanced tree, every column once.
         let many = vec![col(23, false, "pg_catalog.int4out"); 150];
         let sql = line_select(&many).unwrap();
-        assert_eq!(sql.matches("concat_ws(").count(), 3);
-        assert!(sql.contains("q.c150)"));
+        assert_eq!(sql.matches("E'\\t'").count(), 149);
+        assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i})"))));
+        assert_eq!(sql.matches('(').count(), sql.matches(')').count());
         assert_eq!(positional("select 1, 2", 2), "(\nselect 1, 2\n) q(c1, c2)");
     }
 }
