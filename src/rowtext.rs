@@ -57,6 +57,7 @@ pub enum RowText {
 const PLAIN_TYPES: &[u32] = &[
     16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114, 1184, 1186, 2950,
 ];
+const BOOL: u32 = 16;
 const TEXT: u32 = 25;
 const VARCHAR: u32 = 1043;
 
@@ -137,9 +138,15 @@ pub fn line_select(types: &[ColumnType]) -> Option<String> {
         .enumerate()
         .map(|(i, t)| {
             let c = format!("q.c{}", i + 1);
+            // `::text` is the output function for these built-in types (an I/O conversion, or
+            // none for text and varchar) and skips calling it by name, whose cstring result
+            // costs one more copy on its way to text. Not for bool (its cast says `true`, COPY
+            // `t`), nor for domains and other types, whose casts to text may differ.
             let text = match t.oid {
                 TEXT => c,
+                BOOL => format!("{}({c})::text", t.output),
                 VARCHAR => format!("{c}::text"),
+                oid if PLAIN_TYPES.contains(&oid) => format!("{c}::text"),
                 _ => format!("{}({c})::text", t.output),
             };
             // E'' literals: the same whatever standard_conforming_strings says.
@@ -559,7 +566,7 @@ mod tests {
         let many = vec![col(23, false, "pg_catalog.int4out"); 150];
         let sql = line_select(&many).unwrap();
         assert_eq!(sql.matches("E'\\t'").count(), 149);
-        assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i})"))));
+        assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i}::text, "))));
         assert_eq!(sql.matches('(').count(), sql.matches(')').count());
         assert_eq!(positional("select 1, 2", 2), "(\nselect 1, 2\n) q(c1, c2)");
     }
