@@ -3,25 +3,26 @@
 //!
 //! Every value crossing Spin's PostgreSQL interface costs a guest allocation and a host call
 //! (measured: the bench query's four columns as four text values took 2.5 s outside
-//! PostgreSQL for 1M rows, one value per row 0.8 s), so a row comes over as *one* text that
+//! PostgreSQL for 1M rows, one value per row 0.8 s), so a row comes over as *one* value that
 //! PostgreSQL rendered (and Spin can't mangle: no value of the user's query ever reaches Spin
 //! in its own type). Two shapes:
 //!
-//! - [`RowText::Line`] (the usual one): a tab-separated line made in SQL from each column's
-//!   own output function — exactly what COPY writes for it (bool as `t`, `char(n)` padded,
-//!   inet without `/32`, timestamptz in the session's TimeZone, …). Fields of types whose
-//!   text can hold `\` or a tab get those two escaped as COPY does (`\\`, `\t`); NULL is
-//!   `\N`. The line is then unambiguous: TSV only needs COPY's other escapes (`\n \r \b \f
-//!   \v`, which no field escaped yet), CSV splits at tabs and unescapes. Numbers, dates and
-//!   times, uuid and bool can't hold either character, so they skip the escaping.
+//! - [`RowText::Line`] (the usual one): a `bytea` made in SQL from each column's own output
+//!   function — exactly what COPY writes for it (bool as `t`, `char(n)` padded, inet without
+//!   `/32`, timestamptz in the session's TimeZone, …) — as UTF-8 bytes, fields separated by
+//!   the byte 0xFF, a NULL field the single byte 0xFE. Neither byte ever occurs in UTF-8, so
+//!   the split needs no escaping in SQL; the component escapes each field for TSV or CSV.
+//!   (Databases in `SQL_ASCII`, whose text may hold any byte, take the record shape.)
 //! - [`RowText::Record`]: `ROW(t.*)::text`, PostgreSQL's record syntax, parsed back by
 //!   [`for_each_field`]. Used when the query has no columns, or a column of a pseudo-type
 //!   (`record`, `anyarray`, …) whose output function can't be named safely.
 //!
 //! Measured on 1M rows of `select id, txid, ts, resource#>>'{name,0,family}' from patient`,
-//! backend CPU of the cursor's FETCHes: `ROW(t.*)::text` 2.15 s (record_out alone was a
-//! third: it forms a tuple per row, deforms it again and scans every field for quoting),
-//! the line 1.70 s, COPY itself 1.13 s (best of six each).
+//! backend CPU of the cursor's FETCHes (best of five or six; this machine drifts ±30%):
+//! `ROW(t.*)::text` 2.15 s (`record_out` forms a tuple per row, deforms it again and scans
+//! every field for quoting), a tab-separated text line with `\` and tab escaped in SQL 1.70 s
+//! (each `replace` call ~90 ns), COPY itself 1.10 s. The line's expression alone (without
+//! sending): as text with `replace` 1.71 s, as `bytea` 1.43 s.
 //!
 //! The column types come from a describe query that never runs the user's query (see
 //! [`types_sql`]).
@@ -44,20 +45,19 @@ impl Format {
     }
 }
 
-/// The shape of the one text value per row (see the module docs).
+/// The shape of the one value per row (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowText {
     Line,
     Record,
 }
 
-/// Types whose text output never holds a backslash or a tab, whatever the session's
-/// DateStyle, IntervalStyle or extra_float_digits: bool, int2/4/8, oid, float4/8, numeric,
-/// date, time, timetz, timestamp, timestamptz, interval, uuid.
+/// Built-in types whose cast to text is their output function (an I/O conversion): int2/4/8,
+/// oid, float4/8, numeric, date, time, timetz, timestamp, timestamptz, interval, uuid. Not bool
+/// (its cast says `true`, COPY `t`), nor domains or other types, whose casts may differ.
 const PLAIN_TYPES: &[u32] = &[
-    16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114, 1184, 1186, 2950,
+    20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114, 1184, 1186, 2950,
 ];
-const BOOL: u32 = 16;
 const TEXT: u32 = 25;
 const VARCHAR: u32 = 1043;
 
@@ -78,15 +78,16 @@ pub fn positional(query: &str, ncols: usize) -> String {
     format!("(\n{query}\n) q({})", names.join(", "))
 }
 
-/// The describe query for column types: one text, `oid typtype output` per column, `,`
-/// between columns. Like the name describe, the user's query runs under `LIMIT 0` on the
+/// The describe query for column types: one text, the server encoding, `|`, then
+/// `oid typtype output` per column, `,` between columns. Like the name describe, the user's query runs under `LIMIT 0` on the
 /// nullable side of a join with one row, so it never produces a row but `pg_typeof` still
 /// sees each column's type. Returns the text before the user's query (for error positions)
 /// and the whole statement.
 pub fn types_sql(query: &str, ncols: usize) -> (String, String) {
     let typeofs: Vec<String> = (1..=ncols).map(|i| format!("pg_typeof(q.c{i})")).collect();
     let prefix = format!(
-        "SELECT string_agg(concat(o.t::oid, ' ', ty.typtype, ' ', quote_ident(n.nspname), '.', \
+        "SELECT current_setting('server_encoding') || '|' || \
+         string_agg(concat(o.t::oid, ' ', ty.typtype, ' ', quote_ident(n.nspname), '.', \
          quote_ident(p.proname)), ',' ORDER BY o.i) \
          FROM (SELECT ARRAY[{}]::oid[] AS ts FROM (SELECT) x LEFT JOIN \
          (SELECT * FROM ",
@@ -103,10 +104,18 @@ pub fn types_sql(query: &str, ncols: usize) -> (String, String) {
     (prefix, sql)
 }
 
+/// The describe's answer: the server encoding and the columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub encoding: String,
+    pub columns: Vec<ColumnType>,
+}
+
 /// Reads the types describe's text back.
-pub fn parse_types(desc: &str, ncols: usize) -> Result<Vec<ColumnType>, String> {
+pub fn parse_types(desc: &str, ncols: usize) -> Result<Described, String> {
     let bad = || format!("unexpected column types from PostgreSQL: {desc}");
-    let types = desc
+    let (encoding, cols) = desc.split_once('|').ok_or_else(bad)?;
+    let columns = cols
         .split(',')
         .map(|col| {
             let mut it = col.splitn(3, ' ');
@@ -120,17 +129,25 @@ pub fn parse_types(desc: &str, ncols: usize) -> Result<Vec<ColumnType>, String> 
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if types.len() == ncols {
-        Ok(types)
+    if columns.len() == ncols {
+        Ok(Described {
+            encoding: encoding.to_string(),
+            columns,
+        })
     } else {
         Err(bad())
     }
 }
 
+/// Field separator and NULL marker of a [`RowText::Line`]: bytes that never occur in UTF-8.
+const SEP: u8 = 0xFF;
+const NULL: u8 = 0xFE;
+
 /// The cursor's select list for [`RowText::Line`] over [`positional`] columns, or `None`
 /// when the query needs [`RowText::Record`].
-pub fn line_select(types: &[ColumnType]) -> Option<String> {
-    if types.is_empty() || types.iter().any(|t| t.pseudo) {
+pub fn line_select(d: &Described) -> Option<String> {
+    let types = &d.columns;
+    if types.is_empty() || types.iter().any(|t| t.pseudo) || d.encoding == "SQL_ASCII" {
         return None;
     }
     let fields: Vec<String> = types
@@ -138,156 +155,91 @@ pub fn line_select(types: &[ColumnType]) -> Option<String> {
         .enumerate()
         .map(|(i, t)| {
             let c = format!("q.c{}", i + 1);
-            // `::text` is the output function for these built-in types (an I/O conversion, or
-            // none for text and varchar) and skips calling it by name, whose cstring result
-            // costs one more copy on its way to text. Not for bool (its cast says `true`, COPY
-            // `t`), nor for domains and other types, whose casts to text may differ.
+            // `::text` is the output function for the plain types and skips calling it by
+            // name, whose cstring result costs one more copy on its way to text.
             let text = match t.oid {
                 TEXT => c,
-                BOOL => format!("{}({c})::text", t.output),
                 VARCHAR => format!("{c}::text"),
                 oid if PLAIN_TYPES.contains(&oid) => format!("{c}::text"),
                 _ => format!("{}({c})::text", t.output),
             };
-            // E'' literals: the same whatever standard_conforming_strings says.
-            if PLAIN_TYPES.contains(&t.oid) {
-                format!("coalesce({text}, E'\\\\N')")
+            // `textsend` is the text's bytes as they are, which in a UTF8 database are UTF-8;
+            // other encodings convert. E'' literals read the same whatever
+            // standard_conforming_strings says.
+            let bytes = if d.encoding == "UTF8" {
+                format!("pg_catalog.textsend({text})")
             } else {
-                format!(
-                    "coalesce(pg_catalog.replace(pg_catalog.replace({text}, E'\\\\', E'\\\\\\\\'), \
-                     E'\\t', E'\\\\t'), \
-                     E'\\\\N')"
-                )
-            }
+                format!("pg_catalog.convert_to({text}, 'UTF8')")
+            };
+            format!("coalesce({bytes}, E'\\\\x{NULL:02x}'::bytea)")
         })
         .collect();
-    Some(join_tabs(&fields))
+    Some(join_fields(&fields))
 }
 
-/// The fields joined by tabs with `||`, as a balanced tree: each level copies the line once
-/// (a left-leaning chain copies the growing prefix at every field). `concat_ws` measured ~10%
-/// slower on the bench query: it looks up each argument's output function on every row, and
-/// takes at most 100 arguments. `OPERATOR(pg_catalog.||)` so that no operator of the caller's
-/// schemas can stand in for it.
-fn join_tabs(fields: &[String]) -> String {
+/// The fields joined by the separator with `||`, as a balanced tree: each level copies the
+/// line once (a left-leaning chain copies the growing prefix at every field; `concat_ws`,
+/// measured ~10% slower in a text version of this line, looks up each argument's output
+/// function on every row and takes at most 100 arguments). `OPERATOR(pg_catalog.||)` so
+/// that no operator of the caller's schemas can stand in for it.
+fn join_fields(fields: &[String]) -> String {
     if fields.len() == 1 {
         return fields[0].clone();
     }
     let (left, right) = fields.split_at(fields.len() / 2);
     format!(
-        "({} OPERATOR(pg_catalog.||) E'\\t' OPERATOR(pg_catalog.||) {})",
-        join_tabs(left),
-        join_tabs(right)
+        "({} OPERATOR(pg_catalog.||) E'\\\\x{SEP:02x}'::bytea OPERATOR(pg_catalog.||) {})",
+        join_fields(left),
+        join_fields(right)
     )
 }
 
-/// Appends one row (PostgreSQL's text for it) to the page in the requested format.
+/// Appends one row (PostgreSQL's value for it) to the page in the requested format.
 pub fn encode_row(
     out: &mut Vec<u8>,
     format: Format,
     shape: RowText,
     ncols: usize,
-    row: &str,
+    row: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Result<(), String> {
-    let row = row.as_bytes();
+    let sep = if format == Format::Csv { b',' } else { b'\t' };
+    let mut first = true;
+    let each = |v: Option<&[u8]>| {
+        if !std::mem::take(&mut first) {
+            out.push(sep);
+        }
+        match (format, v) {
+            (Format::Csv, Some(v)) => csv_field(out, v, ncols == 1),
+            (Format::Csv, None) => {}
+            (_, Some(v)) => tsv_field(out, v),
+            (_, None) => out.extend_from_slice(b"\\N"),
+        }
+    };
     match (format, shape) {
         (Format::Ndjson, _) => out.extend_from_slice(row),
-        (Format::Tsv, RowText::Line) => tsv_line(out, row),
-        (Format::Tsv, RowText::Record) => {
-            let mut first = true;
-            for_each_field(row, ncols, scratch, |v| {
-                if !std::mem::take(&mut first) {
-                    out.push(b'\t');
-                }
-                match v {
-                    None => out.extend_from_slice(b"\\N"),
-                    Some(v) => tsv_field(out, v),
-                }
-            })?;
-        }
-        (Format::Csv, shape) => {
-            let mut first = true;
-            let each = |v: Option<&[u8]>| {
-                if !std::mem::take(&mut first) {
-                    out.push(b',');
-                }
-                if let Some(v) = v {
-                    csv_field(out, v, ncols == 1);
-                }
-            };
-            match shape {
-                RowText::Line => for_each_line_field(row, ncols, scratch, each)?,
-                RowText::Record => for_each_field(row, ncols, scratch, each)?,
-            }
-        }
+        (_, RowText::Line) => for_each_line_field(row, ncols, each)?,
+        (_, RowText::Record) => for_each_field(row, ncols, scratch, each)?,
     }
     out.push(b'\n');
     Ok(())
 }
 
-/// A [`RowText::Line`] as a TSV line: its fields already have `\` and tab escaped, so only
-/// COPY's other escapes are left (`\n \r \b \f \v`: bytes 0x08 and 0x0a–0x0d).
-pub fn tsv_line(out: &mut Vec<u8>, line: &[u8]) {
-    let special = line.iter().fold(false, |any, &c| {
-        any | ((c.wrapping_sub(0x08) < 6) & (c != b'\t'))
-    });
-    if !special {
-        out.extend_from_slice(line);
-        return;
-    }
-    let mut start = 0;
-    for (i, &c) in line.iter().enumerate() {
-        let esc = match c {
-            b'\n' => b'n',
-            b'\r' => b'r',
-            0x08 => b'b',
-            0x0c => b'f',
-            0x0b => b'v',
-            _ => continue,
-        };
-        out.extend_from_slice(&line[start..i]);
-        out.push(b'\\');
-        out.push(esc);
-        start = i + 1;
-    }
-    out.extend_from_slice(&line[start..]);
-}
-
-/// Calls `f` for each field of a [`RowText::Line`] (`None` for `\N`), unescaping `\\` and
-/// `\t`. The line must have `ncols` fields.
+/// Calls `f` for each field of a [`RowText::Line`] (`None` for NULL). The line must have
+/// `ncols` fields.
 pub fn for_each_line_field(
     line: &[u8],
     ncols: usize,
-    scratch: &mut Vec<u8>,
     mut f: impl FnMut(Option<&[u8]>),
 ) -> Result<(), String> {
     let mut n = 0;
-    for field in line.split(|&c| c == b'\t') {
+    let mut start = 0;
+    // memchr's SIMD search: `slice::split` tests byte by byte.
+    for end in memchr::memchr_iter(SEP, line).chain(std::iter::once(line.len())) {
+        let field = &line[start..end];
+        f(if field == [NULL] { None } else { Some(field) });
         n += 1;
-        if field == b"\\N" {
-            f(None);
-        } else if memchr::memchr(b'\\', field).is_none() {
-            f(Some(field));
-        } else {
-            scratch.clear();
-            let mut i = 0;
-            while i < field.len() {
-                if field[i] == b'\\' {
-                    match field.get(i + 1) {
-                        Some(b't') => scratch.push(b'\t'),
-                        Some(b'\\') => scratch.push(b'\\'),
-                        _ => return Err("unexpected escape in a row from PostgreSQL".into()),
-                    }
-                    i += 2;
-                } else {
-                    let run = memchr::memchr(b'\\', &field[i..]).unwrap_or(field.len() - i);
-                    scratch.extend_from_slice(&field[i..i + run]);
-                    i += run;
-                }
-            }
-            f(Some(scratch));
-        }
+        start = end + 1;
     }
     if n == ncols {
         Ok(())
@@ -488,42 +440,54 @@ mod tests {
     }
 
     #[test]
-    fn lines_split_and_escape() {
-        // What PostgreSQL sends for (1, e'a\tb\\c\nd', NULL, '\N'): tab and backslash escaped,
-        // the newline raw, NULL as \N, the text '\N' as \\N.
-        let line = "1\ta\\tb\\\\c\nd\t\\N\t\\\\N";
-        let mut out = Vec::new();
-        tsv_line(&mut out, line.as_bytes());
-        assert_eq!(out, b"1\ta\\tb\\\\c\\nd\t\\N\t\\\\N");
-        let mut out = Vec::new();
-        tsv_line(&mut out, b"\x08\x0b\x0c\r\x01\x0e");
-        assert_eq!(out, b"\\b\\v\\f\\r\x01\x0e");
-
+    fn lines_split_and_encode() {
+        // What PostgreSQL sends for (1, e'a\tb\\c\nd', NULL, '\N', ''): fields as they are,
+        // 0xFF between them, NULL as 0xFE.
+        let line = b"1\xffa\tb\\c\nd\xff\xfe\xff\\N\xff";
         let mut scratch = Vec::new();
-        let mut got: Vec<Option<String>> = Vec::new();
-        for_each_line_field(line.as_bytes(), 4, &mut scratch, |v| {
-            got.push(v.map(|v| String::from_utf8(v.to_vec()).unwrap()))
-        })
-        .unwrap();
+        let mut got: Vec<Option<Vec<u8>>> = Vec::new();
+        for_each_line_field(line, 5, |v| got.push(v.map(<[u8]>::to_vec))).unwrap();
         assert_eq!(
             got,
             vec![
-                Some("1".into()),
-                Some("a\tb\\c\nd".into()),
+                Some(b"1".to_vec()),
+                Some(b"a\tb\\c\nd".to_vec()),
                 None,
-                Some("\\N".into())
+                Some(b"\\N".to_vec()),
+                Some(Vec::new())
             ]
         );
-        assert!(for_each_line_field(b"1\t2", 3, &mut scratch, |_| ()).is_err());
-        assert!(for_each_line_field(b"a\\x", 1, &mut scratch, |_| ()).is_err());
-        // One empty column is one (empty) field, not none.
-        let mut n = 0;
-        for_each_line_field(b"", 1, &mut scratch, |v| {
-            assert_eq!(v, Some(&b""[..]));
-            n += 1
-        })
+        assert!(for_each_line_field(b"1\xff2", 3, |_| ()).is_err());
+        // One column: an empty line is one empty field; a lone 0xFE is NULL.
+        let mut out = Vec::new();
+        encode_row(&mut out, Format::Tsv, RowText::Line, 1, b"", &mut scratch).unwrap();
+        encode_row(
+            &mut out,
+            Format::Tsv,
+            RowText::Line,
+            1,
+            b"\xfe",
+            &mut scratch,
+        )
         .unwrap();
-        assert_eq!(n, 1);
+        encode_row(&mut out, Format::Csv, RowText::Line, 1, b"", &mut scratch).unwrap();
+        encode_row(
+            &mut out,
+            Format::Csv,
+            RowText::Line,
+            1,
+            b"\xfe",
+            &mut scratch,
+        )
+        .unwrap();
+        assert_eq!(out, b"\n\\N\n\"\"\n\n");
+        let mut out = Vec::new();
+        encode_row(&mut out, Format::Tsv, RowText::Line, 5, line, &mut scratch).unwrap();
+        encode_row(&mut out, Format::Csv, RowText::Line, 5, line, &mut scratch).unwrap();
+        assert_eq!(
+            out,
+            b"1\ta\\tb\\\\c\\nd\t\\N\t\\\\N\t\n1,\"a\tb\\c\nd\",,\\N,\"\"\n"
+        );
     }
 
     #[test]
@@ -533,40 +497,49 @@ mod tests {
             pseudo,
             output: output.into(),
         };
-        let types = parse_types(
-            "25 b pg_catalog.textout,16 b pg_catalog.boolout,1042 b pg_catalog.bpcharout",
+        let d = parse_types(
+            "UTF8|25 b pg_catalog.textout,16 b pg_catalog.boolout,20 b pg_catalog.int8out",
             3,
         )
         .unwrap();
-        assert_eq!(types[1], col(16, false, "pg_catalog.boolout"));
-        let escaped = |v: &str| {
-            format!(
-                "coalesce(pg_catalog.replace(pg_catalog.replace({v}, E'\\\\', E'\\\\\\\\'), \
-                 E'\\t', E'\\\\t'), E'\\\\N')"
-            )
-        };
-        let tab = " OPERATOR(pg_catalog.||) E'\\t' OPERATOR(pg_catalog.||) ";
+        assert_eq!(d.encoding, "UTF8");
+        assert_eq!(d.columns[1], col(16, false, "pg_catalog.boolout"));
+        let sep = " OPERATOR(pg_catalog.||) E'\\\\xff'::bytea OPERATOR(pg_catalog.||) ";
+        let null = "E'\\\\xfe'::bytea";
         assert_eq!(
-            line_select(&types).unwrap(),
+            line_select(&d).unwrap(),
             format!(
-                "({}{tab}(coalesce(pg_catalog.boolout(q.c2)::text, E'\\\\N'){tab}{}))",
-                escaped("q.c1"),
-                escaped("pg_catalog.bpcharout(q.c3)::text")
+                "(coalesce(pg_catalog.textsend(q.c1), {null}){sep}\
+                 (coalesce(pg_catalog.textsend(pg_catalog.boolout(q.c2)::text), {null}){sep}\
+                 coalesce(pg_catalog.textsend(q.c3::text), {null})))"
             )
         );
-        assert!(parse_types("25 b pg_catalog.textout", 2).is_err());
-        assert!(parse_types("x b f", 1).is_err());
-        // A pseudo-type column, or no columns at all: the record shape.
+        // Other encodings convert to UTF-8; SQL_ASCII can't promise valid UTF-8 at all.
+        let latin1 = parse_types("LATIN1|25 b pg_catalog.textout", 1).unwrap();
         assert_eq!(
-            line_select(&[col(2249, true, "pg_catalog.record_out")]),
+            line_select(&latin1).unwrap(),
+            format!("coalesce(pg_catalog.convert_to(q.c1, 'UTF8'), {null})")
+        );
+        let ascii = parse_types("SQL_ASCII|25 b pg_catalog.textout", 1).unwrap();
+        assert_eq!(line_select(&ascii), None);
+        assert!(parse_types("UTF8|25 b pg_catalog.textout", 2).is_err());
+        assert!(parse_types("UTF8|x b f", 1).is_err());
+        assert!(parse_types("25 b f", 1).is_err());
+        // A pseudo-type column, or no columns at all: the record shape.
+        let record = |columns| Described {
+            encoding: "UTF8".into(),
+            columns,
+        };
+        assert_eq!(
+            line_select(&record(vec![col(2249, true, "pg_catalog.record_out")])),
             None
         );
-        assert_eq!(line_select(&[]), None);
+        assert_eq!(line_select(&record(vec![])), None);
         // A wide query: a balanced tree, every column once.
-        let many = vec![col(23, false, "pg_catalog.int4out"); 150];
+        let many = record(vec![col(23, false, "pg_catalog.int4out"); 150]);
         let sql = line_select(&many).unwrap();
-        assert_eq!(sql.matches("E'\\t'").count(), 149);
-        assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i}::text, "))));
+        assert_eq!(sql.matches("xff").count(), 149);
+        assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i}::text)"))));
         assert_eq!(sql.matches('(').count(), sql.matches(')').count());
         assert_eq!(positional("select 1, 2", 2), "(\nselect 1, 2\n) q(c1, c2)");
     }

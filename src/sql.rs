@@ -6,12 +6,12 @@
 //! timestamptz column, so no value of the user's query may reach Spin in its own type. Every
 //! row is rendered by PostgreSQL as *one* text value (one value per row, not per column:
 //! each value crossing the boundary costs a guest allocation and a host call):
-//! - TSV / CSV: a tab-separated line built in SQL from each column's own output function (what
-//!   COPY writes: timestamptz in the session's TimeZone, bytea as `\x…`, floats with
-//!   `extra_float_digits`, bool as `t`, …), with `\` and tab escaped and NULL as `\N`; or, for
-//!   queries with no columns or a pseudo-typed one, PostgreSQL's record syntax
-//!   (`ROW(t.*)::text`). [`crate::rowtext`] builds both and turns them into COPY's TSV or CSV.
-//!   Their column types come from a second describe query (below).
+//! - TSV / CSV: a `bytea` line built in SQL from each column's own output function (what COPY
+//!   writes: timestamptz in the session's TimeZone, bytea as `\x…`, floats with
+//!   `extra_float_digits`, bool as `t`, …) as UTF-8, fields split by the byte 0xFF and NULL as
+//!   0xFE (bytes UTF-8 never holds); or, for queries with no columns or a pseudo-typed one,
+//!   PostgreSQL's record syntax (`ROW(t.*)::text`). [`crate::rowtext`] builds both and turns
+//!   them into COPY's TSV or CSV. Their column types come from a second describe query (below).
 //! - ndjson: `SELECT row_to_json(t.*)::text FROM (<query>) t`, PostgreSQL's own JSON, verbatim.
 //!
 //! Column names (for the header, and the column count, since `()` is both "no columns" and
@@ -745,10 +745,15 @@ impl<C: Db> Pager<C> {
             .rows;
         let (mut bytes, mut max_row) = (0u64, 0u64);
         for row in &rows {
-            let Some(Value::Str(text)) = row.first() else {
-                return Err(PageError::Shape(
-                    "unexpected row shape from the cursor".into(),
-                ));
+            // A line is bytea, a record or JSON text.
+            let text = match row.first() {
+                Some(Value::Bytes(b)) => b.as_slice(),
+                Some(Value::Str(t)) => t.as_bytes(),
+                _ => {
+                    return Err(PageError::Shape(
+                        "unexpected row shape from the cursor".into(),
+                    ))
+                }
             };
             bytes += text.len() as u64;
             max_row = max_row.max(text.len() as u64);
@@ -842,8 +847,8 @@ pub fn dump_sql<C: Db + 'static>(
             .ok_or_else(|| ApiError::internal("describing the query returned no row"))?;
         names = object_keys(desc).map_err(ApiError::internal)?;
     }
-    // One text per row (see `rowtext`): a tab-separated line made from each column's output
-    // function when the column types allow it, else PostgreSQL's record syntax.
+    // One value per row (see `rowtext`): a line made from each column's output function when
+    // the column types allow it, else PostgreSQL's record syntax.
     let mut shape = RowText::Record;
     let (prefix, sql) = if opts.format == Format::Ndjson {
         let prefix =
@@ -861,8 +866,8 @@ pub fn dump_sql<C: Db + 'static>(
                 .map_err(|e| stmt.error(e, prefix.chars().count() + 2))?;
             let desc = single_text(&rows)
                 .ok_or_else(|| ApiError::internal("describing the columns returned no row"))?;
-            let types = rowtext::parse_types(desc, names.len()).map_err(ApiError::internal)?;
-            rowtext::line_select(&types)
+            let described = rowtext::parse_types(desc, names.len()).map_err(ApiError::internal)?;
+            rowtext::line_select(&described)
         };
         match select {
             Some(select) => {
