@@ -65,9 +65,11 @@ fn console(host: &spin_bulk_host::Host, body: serde_json::Value) -> Reply {
     )
 }
 
-/// psql's bytes for `sql` (COPY … TO STDOUT writes the data to stdout verbatim).
+/// psql's bytes for `sql` (COPY … TO STDOUT writes the data to stdout verbatim), in UTF-8 as
+/// Spin's connections ask for.
 fn psql(db: &TestDb, sql: &str) -> Vec<u8> {
     let out = Command::new("psql")
+        .env("PGCLIENTENCODING", "UTF8")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &db.url, "-c", sql])
         .output()
         .expect("running psql");
@@ -240,6 +242,25 @@ fn every_type_and_shape_matches_copy_and_row_to_json_byte_for_byte() {
         .map(|i| format!("{i} n{i}, e'x\\t{i}' t{i}"))
         .collect();
     check_all_formats(&db, &host, &format!("select {}", wide.join(", ")));
+}
+
+#[test]
+fn databases_in_other_encodings_give_the_same_bytes() {
+    // LATIN1 text is converted to UTF-8 for the client; SQL_ASCII passes bytes through (and
+    // takes the record shape: its text may hold any byte, 0xFF included).
+    for encoding in ["LATIN1", "SQL_ASCII"] {
+        let db = TestDb::with_options(&format!(
+            "ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ));
+        db.exec(
+            "CREATE TABLE t (a text, b int, c bool); \
+             INSERT INTO t VALUES ('Ünïcødé ÿ þ', 1, true), (e'tab\\there', NULL, NULL), \
+             (NULL, 3, false), ('', 4, true)",
+        );
+        let host = serve(&db, &[]);
+        check_all_formats(&db, &host, "select * from t order by b");
+        check_all_formats(&db, &host, "select a, b from t where b > 100");
+    }
 }
 
 #[test]

@@ -93,6 +93,11 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn new() -> Self {
+        Self::with_options("")
+    }
+
+    /// A fresh database created with these `CREATE DATABASE` options (e.g. another encoding).
+    pub fn with_options(options: &str) -> Self {
         let admin_url = database_url();
         let name = format!(
             "sb_test_{}_{}",
@@ -104,7 +109,7 @@ impl TestDb {
         // multi-statement batch.
         for sql in [
             format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
-            format!("CREATE DATABASE \"{name}\""),
+            format!("CREATE DATABASE \"{name}\" {options}"),
         ] {
             admin
                 .batch_execute(&sql)
