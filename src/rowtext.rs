@@ -79,9 +79,9 @@ pub fn positional(query: &str, ncols: usize) -> String {
 }
 
 /// The describe query for column types: one text, the server encoding, `|`, then
-/// `oid typtype output` per column, `,` between columns. Like the name describe, the user's query runs under `LIMIT 0` on the
-/// nullable side of a join with one row, so it never produces a row but `pg_typeof` still
-/// sees each column's type. Returns the text before the user's query (for error positions)
+/// `oid typtype output` per column, `,` between columns. Like the name describe, the user's
+/// query runs under `LIMIT 0` on the nullable side of a join with one row, so it never
+/// produces a row but `pg_typeof` still sees each column's type. Returns the text before the user's query (for error positions)
 /// and the whole statement.
 pub fn types_sql(query: &str, ncols: usize) -> (String, String) {
     let typeofs: Vec<String> = (1..=ncols).map(|i| format!("pg_typeof(q.c{i})")).collect();

@@ -847,44 +847,7 @@ pub fn dump_sql<C: Db + 'static>(
             .ok_or_else(|| ApiError::internal("describing the query returned no row"))?;
         names = object_keys(desc).map_err(ApiError::internal)?;
     }
-    // One value per row (see `rowtext`): a line made from each column's output function when
-    // the column types allow it, else PostgreSQL's record syntax.
-    let mut shape = RowText::Record;
-    let (prefix, sql) = if opts.format == Format::Ndjson {
-        let prefix =
-            format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT row_to_json(t.*)::text FROM (\n");
-        let sql = format!("{prefix}{}\n) t", stmt.sql);
-        (prefix, sql)
-    } else {
-        let select = if names.is_empty() {
-            None
-        } else {
-            let (prefix, sql) = rowtext::types_sql(&stmt.sql, names.len());
-            let rows = tx
-                .conn
-                .query(&sql, Vec::new())
-                .map_err(|e| stmt.error(e, prefix.chars().count() + 2))?;
-            let desc = single_text(&rows)
-                .ok_or_else(|| ApiError::internal("describing the columns returned no row"))?;
-            let described = rowtext::parse_types(desc, names.len()).map_err(ApiError::internal)?;
-            rowtext::line_select(&described)
-        };
-        match select {
-            Some(select) => {
-                shape = RowText::Line;
-                let prefix = format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {select} FROM ");
-                let sql = format!("{prefix}{}", rowtext::positional(&stmt.sql, names.len()));
-                // `positional` opens with "(\n" before the query.
-                (format!("{prefix}(\n"), sql)
-            }
-            None => {
-                let prefix =
-                    format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT ROW(t.*)::text FROM (\n");
-                let sql = format!("{prefix}{}\n) t", stmt.sql);
-                (prefix, sql)
-            }
-        }
-    };
+    let (sql, prefix, shape) = cursor_sql(&mut tx.conn, &stmt, opts.format, names.len())?;
     tx.conn
         .execute(&sql, Vec::new())
         .map_err(|e| stmt.error(e, prefix.chars().count()))?;
@@ -925,6 +888,54 @@ pub fn dump_sql<C: Db + 'static>(
         opts.format.content_type(),
         opts.gzip,
     ))
+}
+
+/// The cursor's `DECLARE`, the text before the caller's query in it (for error positions), and
+/// the shape of its one value per row (see `rowtext`): a line made from each column's output
+/// function when the column types allow it (asking PostgreSQL for them), else PostgreSQL's
+/// record syntax; ndjson is `row_to_json`.
+fn cursor_sql<C: Db>(
+    conn: &mut C,
+    stmt: &Statement,
+    format: Format,
+    ncols: usize,
+) -> Result<(String, String, RowText), ApiError> {
+    let declare = format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT");
+    let around = |select: &str| {
+        let prefix = format!("{declare} {select} FROM (\n");
+        (format!("{prefix}{}\n) t", stmt.sql), prefix)
+    };
+    if format == Format::Ndjson {
+        let (sql, prefix) = around("row_to_json(t.*)::text");
+        return Ok((sql, prefix, RowText::Record));
+    }
+    let line = if ncols == 0 {
+        None
+    } else {
+        let (prefix, sql) = rowtext::types_sql(&stmt.sql, ncols);
+        let rows = conn
+            .query(&sql, Vec::new())
+            // `positional` puts "(\n" between the prefix and the query.
+            .map_err(|e| stmt.error(e, prefix.chars().count() + 2))?;
+        let desc = single_text(&rows)
+            .ok_or_else(|| ApiError::internal("describing the columns returned no row"))?;
+        let described = rowtext::parse_types(desc, ncols).map_err(ApiError::internal)?;
+        rowtext::line_select(&described)
+    };
+    Ok(match line {
+        Some(select) => {
+            let prefix = format!("{declare} {select} FROM (\n");
+            let sql = format!(
+                "{declare} {select} FROM {}",
+                rowtext::positional(&stmt.sql, ncols)
+            );
+            (sql, prefix, RowText::Line)
+        }
+        None => {
+            let (sql, prefix) = around("ROW(t.*)::text");
+            (sql, prefix, RowText::Record)
+        }
+    })
 }
 
 fn single_text(rows: &Rows) -> Option<&str> {
