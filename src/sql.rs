@@ -4,14 +4,14 @@
 //! # Text conversion: PostgreSQL renders, we only escape
 //! Spin hands most types over as `unsupported` bytes and fails a whole query on a bare
 //! timestamptz column, so no value of the user's query may reach Spin in its own type. Every
-//! row is rendered by PostgreSQL as *one* text value (one value per row, not per column:
+//! row is rendered by PostgreSQL as *one* value (one value per row, not per column:
 //! each value crossing the boundary costs a guest allocation and a host call):
 //! - TSV / CSV: a `bytea` line built in SQL from each column's own output function (what COPY
 //!   writes: timestamptz in the session's TimeZone, bytea as `\x…`, floats with
 //!   `extra_float_digits`, bool as `t`, …) as UTF-8, fields split by the byte 0xFF and NULL as
 //!   0xFE (bytes UTF-8 never holds); or, for queries with no columns or a pseudo-typed one,
 //!   PostgreSQL's record syntax (`ROW(t.*)::text`). [`crate::rowtext`] builds both and turns
-//!   them into COPY's TSV or CSV. Their column types come from a second describe query (below).
+//!   them into COPY's TSV or CSV.
 //! - ndjson: `SELECT row_to_json(t.*)::text FROM (<query>) t`, PostgreSQL's own JSON, verbatim.
 //!
 //! Column names (for the header, and the column count, since `()` is both "no columns" and
@@ -20,7 +20,8 @@
 //! (SELECT * FROM (<query>) q LIMIT 0) q ON true) x` yields one row `{"a":null,"a":null,…}`:
 //! the names in order, duplicates kept (a `LIMIT 0` never pulls a row from its input, and the
 //! outer `x` keeps the row from being a NULL composite). Spin's own column metadata can't be
-//! used: it comes from the first row, so an empty result has no columns.
+//! used: it comes from the first row, so an empty result has no columns. A second describe of
+//! the same kind reads the columns' types and output functions ([`rowtext::types_sql`]).
 //!
 //! # Parameters are PostgreSQL literals
 //! Spin binds typed parameters and converts each value to the type PostgreSQL inferred for
