@@ -71,21 +71,24 @@ pub struct ColumnType {
     pub output: String,
 }
 
-/// `q(c1, …, cn)`: the user's query with its columns renamed by position, so duplicate,
-/// empty or awkward names don't matter.
-pub fn positional(query: &str, ncols: usize) -> String {
+/// `head`, the user's query with its columns renamed by position (`(\n<query>\n) q(c1, …,
+/// cn)`, so duplicate, empty or awkward names don't matter), then `tail`. Returns the statement
+/// and the text before the user's query in it (for error positions).
+pub fn positional(head: &str, query: &str, ncols: usize, tail: &str) -> (String, String) {
     let names: Vec<String> = (1..=ncols).map(|i| format!("c{i}")).collect();
-    format!("(\n{query}\n) q({})", names.join(", "))
+    let prefix = format!("{head}(\n");
+    let sql = format!("{prefix}{query}\n) q({}){tail}", names.join(", "));
+    (sql, prefix)
 }
 
 /// The describe query for column types: one text, the server encoding, `|`, then
 /// `oid typtype output` per column, `,` between columns. Like the name describe, the user's
 /// query runs under `LIMIT 0` on the nullable side of a join with one row, so it never
-/// produces a row but `pg_typeof` still sees each column's type. Returns the text before the user's query (for error positions)
-/// and the whole statement.
+/// produces a row but `pg_typeof` still sees each column's type. Returns the statement and the
+/// text before the user's query in it.
 pub fn types_sql(query: &str, ncols: usize) -> (String, String) {
     let typeofs: Vec<String> = (1..=ncols).map(|i| format!("pg_typeof(q.c{i})")).collect();
-    let prefix = format!(
+    let head = format!(
         "SELECT current_setting('server_encoding') || '|' || \
          string_agg(concat(o.t::oid, ' ', ty.typtype, ' ', quote_ident(n.nspname), '.', \
          quote_ident(p.proname)), ',' ORDER BY o.i) \
@@ -93,15 +96,12 @@ pub fn types_sql(query: &str, ncols: usize) -> (String, String) {
          (SELECT * FROM ",
         typeofs.join(", ")
     );
-    let sql = format!(
-        "{prefix}{} LIMIT 0) q ON true) d \
+    let tail = " LIMIT 0) q ON true) d \
          CROSS JOIN LATERAL unnest(d.ts) WITH ORDINALITY AS o(t, i) \
          JOIN pg_catalog.pg_type ty ON ty.oid = o.t \
          JOIN pg_catalog.pg_proc p ON p.oid = ty.typoutput \
-         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace",
-        positional(query, ncols)
-    );
-    (prefix, sql)
+         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
+    positional(&head, query, ncols, tail)
 }
 
 /// The describe's answer: the server encoding and the columns.
@@ -541,6 +541,12 @@ mod tests {
         assert_eq!(sql.matches("xff").count(), 149);
         assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i}::text)"))));
         assert_eq!(sql.matches('(').count(), sql.matches(')').count());
-        assert_eq!(positional("select 1, 2", 2), "(\nselect 1, 2\n) q(c1, c2)");
+        assert_eq!(
+            positional("SELECT * FROM ", "select 1, 2", 2, " x"),
+            (
+                "SELECT * FROM (\nselect 1, 2\n) q(c1, c2) x".to_string(),
+                "SELECT * FROM (\n".to_string()
+            )
+        );
     }
 }

@@ -913,11 +913,10 @@ fn cursor_sql<C: Db>(
     let line = if ncols == 0 {
         None
     } else {
-        let (prefix, sql) = rowtext::types_sql(&stmt.sql, ncols);
+        let (sql, prefix) = rowtext::types_sql(&stmt.sql, ncols);
         let rows = conn
             .query(&sql, Vec::new())
-            // `positional` puts "(\n" between the prefix and the query.
-            .map_err(|e| stmt.error(e, prefix.chars().count() + 2))?;
+            .map_err(|e| stmt.error(e, prefix.chars().count()))?;
         let desc = single_text(&rows)
             .ok_or_else(|| ApiError::internal("describing the columns returned no row"))?;
         let described = rowtext::parse_types(desc, ncols).map_err(ApiError::internal)?;
@@ -925,11 +924,8 @@ fn cursor_sql<C: Db>(
     };
     Ok(match line {
         Some(select) => {
-            let prefix = format!("{declare} {select} FROM (\n");
-            let sql = format!(
-                "{declare} {select} FROM {}",
-                rowtext::positional(&stmt.sql, ncols)
-            );
+            let head = format!("{declare} {select} FROM ");
+            let (sql, prefix) = rowtext::positional(&head, &stmt.sql, ncols, "");
             (sql, prefix, RowText::Line)
         }
         None => {
