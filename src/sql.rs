@@ -650,8 +650,16 @@ fn object_keys(json: &str) -> Result<Vec<String>, String> {
 /// row size, and never ask for more rows than `SAFE_BYTES` of the largest row seen, which keeps
 /// a page far below Spin's 128 MiB result cap unless rows suddenly grow by more than that margin
 /// (then the query fails and the body aborts; it never truncates silently).
+///
+/// A page must also fit in `work_mem`: FETCH is a utility statement, and PostgreSQL runs it
+/// into a tuple store before sending a row (see `pg_tuple_bytes`); past `work_mem` that store
+/// moves to a temporary file, and every row is written out and read back. With the default
+/// 4 MB `work_mem` and 4 MiB pages of short rows, about half of every page took that detour
+/// (`BufFileWrite`/`BufFileRead` and their system calls were ~8% of the backend's profile).
 struct Sizer {
     budget: u64,
+    /// The session's `work_mem` in bytes.
+    work_mem: u64,
     last: u64,
     rows: u64,
     bytes: u64,
@@ -662,13 +670,34 @@ const SAFE_BYTES: u64 = 32 << 20;
 const MAX_FETCH_ROWS: u64 = 50_000;
 const MIN_ROW_COST: u64 = 16;
 
+/// The memory a FETCH's tuple store charges for a row of `bytes` (its one value): PostgreSQL
+/// 15 stores it as a minimal tuple (a 16-byte header and the value's 4-byte length before the
+/// data) in a chunk rounded up to a power of two below 8 KiB, plus the chunk's 16-byte header
+/// and an 8-byte slot in the store's array. Rounding at most doubles a chunk; counting it
+/// always is the safe side.
+fn pg_tuple_bytes(bytes: u64) -> u64 {
+    2 * (bytes + 20) + 24
+}
+
 impl Sizer {
+    fn new(budget: u64, work_mem: u64) -> Sizer {
+        Sizer {
+            budget,
+            work_mem,
+            last: 0,
+            rows: 0,
+            bytes: 0,
+            max_row: 0,
+        }
+    }
+
     fn next(&self) -> u64 {
         if self.rows == 0 {
             return 1;
         }
         let avg = (self.bytes / self.rows).max(MIN_ROW_COST);
         (self.budget / avg)
+            .min(self.work_mem / pg_tuple_bytes(avg))
             .min(SAFE_BYTES / self.max_row.max(1))
             .min(self.last.saturating_mul(8))
             .clamp(1, MAX_FETCH_ROWS)
@@ -835,6 +864,17 @@ pub fn dump_sql<C: Db + 'static>(
     let stmt = scan(&body.query, &body.params)?;
 
     let mut tx = Tx::begin(conn, true).map_err(DbError::into_api)?;
+    let work_mem = tx
+        .conn
+        .query(
+            "SELECT pg_catalog.pg_size_bytes(pg_catalog.current_setting('work_mem'))",
+            Vec::new(),
+        )
+        .map_err(DbError::into_api)?
+        .rows
+        .first()
+        .and_then(|r| r.first()?.as_i64())
+        .ok_or_else(|| ApiError::internal("reading work_mem returned no number"))?;
     let mut names = Vec::new();
     if opts.format != Format::Ndjson {
         let prefix = "SELECT row_to_json(x.*)::text FROM (SELECT q.* FROM (SELECT) o LEFT JOIN \
@@ -858,13 +898,7 @@ pub fn dump_sql<C: Db + 'static>(
         format: opts.format,
         shape,
         ncols: names.len(),
-        sizer: Sizer {
-            budget: cfg.page_bytes,
-            last: 0,
-            rows: 0,
-            bytes: 0,
-            max_row: 0,
-        },
+        sizer: Sizer::new(cfg.page_bytes, work_mem.max(0) as u64),
         scratch: Vec::new(),
         done: false,
     };
@@ -1156,13 +1190,8 @@ mod tests {
 
     #[test]
     fn sizes_fetches() {
-        let mut z = Sizer {
-            budget: 4 << 20,
-            last: 0,
-            rows: 0,
-            bytes: 0,
-            max_row: 0,
-        };
+        // work_mem large enough not to matter here.
+        let mut z = Sizer::new(4 << 20, 1 << 30);
         assert_eq!(z.next(), 1);
         z.saw(1, 1, 40, 40);
         assert_eq!(z.next(), 8);
@@ -1173,13 +1202,12 @@ mod tests {
         assert_eq!(z.next(), 32768);
         z.saw(32768, 32768, 32768 * 40, 40);
         assert_eq!(z.next(), MAX_FETCH_ROWS);
-        let mut big = Sizer {
-            budget: 4 << 20,
-            last: 0,
-            rows: 0,
-            bytes: 0,
-            max_row: 0,
-        };
+        // The default 4 MB work_mem bounds a page of 84-byte rows (the bench's) to what its
+        // tuple store holds in memory: 4 MiB / 232 bytes per row.
+        let mut w = Sizer::new(4 << 20, 4 << 20);
+        w.saw(4096, 4096, 4096 * 84, 84);
+        assert_eq!(w.next(), (4 << 20) / 232);
+        let mut big = Sizer::new(4 << 20, 4 << 20);
         big.saw(1, 1, 10 << 20, 10 << 20);
         assert_eq!(big.next(), 1);
     }
