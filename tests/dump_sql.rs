@@ -277,6 +277,27 @@ fn small_pages_give_the_same_bytes() {
 }
 
 #[test]
+fn pages_fit_in_work_mem_and_never_spill_to_a_temporary_file() {
+    // A FETCH runs into a tuple store that moves to a temporary file past work_mem. With
+    // temp_file_limit = 0 any such file is an error, so a page sized by the byte budget alone
+    // (50,000 of these rows, ~7 MB of tuples) would fail the dump; pages sized to work_mem pass.
+    let db = TestDb::new();
+    db.exec(&format!(
+        r#"CREATE TABLE t AS SELECT g, md5(g::text) m, md5((-g)::text) n
+             FROM generate_series(1, 200000) g;
+           ALTER DATABASE "{0}" SET work_mem = '4MB';
+           ALTER DATABASE "{0}" SET temp_file_limit = 0;"#,
+        db.name
+    ));
+    let host = serve(&db, &[]);
+    let q = "select g, m, n from t";
+    let r = dump(&host, "", q);
+    assert_ok(&r, "text/tab-separated-values");
+    assert_eq!(r.exit, 0, "the stream ended early: {}", r.stderr);
+    assert!(r.body == psql(&db, &format!("COPY ({q}) TO STDOUT")));
+}
+
+#[test]
 fn trailing_semicolon_and_comments_are_one_statement() {
     let db = typed_db();
     let host = serve(&db, &[]);
