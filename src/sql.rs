@@ -36,11 +36,13 @@
 //!
 //! # Streaming and the transaction
 //! `BEGIN READ ONLY`, describe, `DECLARE … NO SCROLL CURSOR`, then `FETCH n` pages (n from the
-//! page byte budget and the row sizes seen; see [`Sizer`]). The first page is fetched before
-//! the reply, so every error of the query itself gets a status. The transaction is ended on
-//! every path: `COMMIT` on success, `ROLLBACK` when a page or a body write (client gone)
-//! fails, and a `Drop` guard for anything else — a connection must never go back to Spin's
-//! pool inside a transaction (its "Clean" recycling does not roll back).
+//! page byte budget, `work_mem` and the row sizes seen; see [`Sizer`]). The first page is
+//! fetched before the reply, so every error of the query itself gets a status. The
+//! transaction is ended on every path, always by `ROLLBACK` (a read-only export keeps nothing,
+//! and the few writes a read-only transaction lets through, such as `lo_creat`, must not
+//! last): after the last page, when a page or a body write (client gone) fails, and by a
+//! `Drop` guard for anything else — a connection must never go back to Spin's pool inside a
+//! transaction (its "Clean" recycling does not roll back).
 
 use crate::config::Config;
 use crate::db::{Db, DbError, Rows, Value};
@@ -576,8 +578,9 @@ impl Statement {
         };
         let code = e.sqlstate().unwrap_or("");
         let status = match code {
-            // Read-only transaction, insufficient privilege.
-            "25006" | "42501" => 403,
+            // Read-only transaction, an attempt to leave it (`set_config('transaction_read_only',
+            // 'off', …)`), insufficient privilege.
+            "25006" | "25001" | "42501" => 403,
             _ if e.is_connection() || code == "57014" => return e.into_api(),
             // Feature not supported, cardinality, data exception, integrity, cursor state,
             // invalid names, syntax or access rule, WITH CHECK, PL/pgSQL raise.
@@ -733,6 +736,14 @@ impl<C: Db> Tx<C> {
     fn commit(&mut self) -> Result<(), DbError> {
         self.open = false;
         self.conn.execute("COMMIT", Vec::new()).map(drop)
+    }
+
+    /// Ends a read-only transaction with `ROLLBACK`: it has nothing to keep, and a query can do
+    /// things a read-only transaction lets through (`lo_creat` writes a large object, a
+    /// `set_config(…, false)` changes the session) that a `COMMIT` would make last.
+    fn end_read_only(&mut self) -> Result<(), DbError> {
+        self.open = false;
+        self.conn.execute("ROLLBACK", Vec::new()).map(drop)
     }
 
     fn rollback(&mut self) {
@@ -914,7 +925,7 @@ pub fn dump_sql<C: Db + 'static>(
     })?;
     if pager.done {
         // Everything is in hand: end the transaction now rather than after the client read.
-        pager.tx.commit().map_err(DbError::into_api)?;
+        pager.tx.end_read_only().map_err(DbError::into_api)?;
     }
 
     Ok(PagedBody::reply(
@@ -986,8 +997,8 @@ impl<C: Db> Pages for Pager<C> {
     fn finish(&mut self) -> Result<(), String> {
         if self.tx.open {
             self.tx
-                .commit()
-                .map_err(|e| format!("$dump-sql: COMMIT failed: {e}"))?;
+                .end_read_only()
+                .map_err(|e| format!("$dump-sql: ending the transaction failed: {e}"))?;
         }
         Ok(())
     }

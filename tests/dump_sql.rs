@@ -448,6 +448,7 @@ fn errors_are_operation_outcomes_and_change_nothing() {
             db.scalar_i64("SELECT last_value FROM transaction_id_seq"),
             db.scalar_i64("SELECT count(*) FROM pg_class WHERE relname = 'evil'"),
             db.scalar_i64("SELECT count(*) FROM things"),
+            db.scalar_i64("SELECT count(*) FROM pg_largeobject_metadata"),
         )
     };
     let before = state(&db);
@@ -464,6 +465,11 @@ fn errors_are_operation_outcomes_and_change_nothing() {
         ("truncate patient", 400, "42601"),
         ("select * from patient for update", 403, "25006"),
         ("select nextval('transaction_id_seq')", 403, "25006"),
+        (
+            "select set_config('transaction_read_only', 'off', true)",
+            403,
+            "25001",
+        ),
         (
             "select id, nextval('transaction_id_seq') from patient",
             403,
@@ -594,6 +600,18 @@ fn errors_are_operation_outcomes_and_change_nothing() {
     ] {
         let r = dump(&host, qs, "select 1");
         outcome(&r, 400);
+    }
+    // A read-only transaction lets `lo_creat` write a large object; ending the transaction
+    // with ROLLBACK keeps it from lasting. One page and several pages end differently.
+    for (vars, q) in [
+        ("", "select lo_creat(-1)"),
+        (
+            "",
+            "select g, case when g = 1500 then lo_creat(-1) end from generate_series(1, 3000) g",
+        ),
+    ] {
+        let r = dump(&host, vars, q);
+        assert_ok(&r, "text/tab-separated-values");
     }
     assert_eq!(state(&db), before, "the database changed");
     assert_no_open_transactions(&db);
