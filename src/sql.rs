@@ -714,42 +714,32 @@ impl Sizer {
     }
 }
 
-/// The connection while a transaction is open; rolls back when dropped still open.
+/// The connection inside `$dump-sql`'s read-only transaction; rolls back when dropped still
+/// open. The transaction always ends with `ROLLBACK`: it has nothing to keep, and a query can
+/// do things a read-only transaction lets through (`lo_creat` writes a large object, a
+/// `set_config(…, false)` changes the session) that a `COMMIT` would make last.
 struct Tx<C: Db> {
     conn: C,
     open: bool,
 }
 
 impl<C: Db> Tx<C> {
-    fn begin(mut conn: C, read_only: bool) -> Result<Tx<C>, DbError> {
-        conn.execute(
-            if read_only {
-                "BEGIN TRANSACTION READ ONLY"
-            } else {
-                "BEGIN"
-            },
-            Vec::new(),
-        )?;
+    fn begin_read_only(mut conn: C) -> Result<Tx<C>, DbError> {
+        conn.execute("BEGIN TRANSACTION READ ONLY", Vec::new())?;
         Ok(Tx { conn, open: true })
     }
 
-    fn commit(&mut self) -> Result<(), DbError> {
-        self.open = false;
-        self.conn.execute("COMMIT", Vec::new()).map(drop)
-    }
-
-    /// Ends a read-only transaction with `ROLLBACK`: it has nothing to keep, and a query can do
-    /// things a read-only transaction lets through (`lo_creat` writes a large object, a
-    /// `set_config(…, false)` changes the session) that a `COMMIT` would make last.
-    fn end_read_only(&mut self) -> Result<(), DbError> {
+    /// Ends the transaction after its last page; a failure here fails the stream.
+    fn end(&mut self) -> Result<(), DbError> {
         self.open = false;
         self.conn.execute("ROLLBACK", Vec::new()).map(drop)
     }
 
+    /// Ends the transaction after a failure, best effort.
     fn rollback(&mut self) {
         if std::mem::take(&mut self.open) {
-            // Best effort: if even this fails the connection is broken, and Spin's pool drops
-            // broken connections instead of reusing them.
+            // If even this fails the connection is broken, and Spin's pool drops broken
+            // connections instead of reusing them.
             let _ = self.conn.execute("ROLLBACK", Vec::new());
         }
     }
@@ -874,7 +864,7 @@ pub fn dump_sql<C: Db + 'static>(
     let body = parse_body(req, false)?;
     let stmt = scan(&body.query, &body.params)?;
 
-    let mut tx = Tx::begin(conn, true).map_err(DbError::into_api)?;
+    let mut tx = Tx::begin_read_only(conn).map_err(DbError::into_api)?;
     let work_mem = tx
         .conn
         .query(
@@ -925,7 +915,7 @@ pub fn dump_sql<C: Db + 'static>(
     })?;
     if pager.done {
         // Everything is in hand: end the transaction now rather than after the client read.
-        pager.tx.end_read_only().map_err(DbError::into_api)?;
+        pager.tx.end().map_err(DbError::into_api)?;
     }
 
     Ok(PagedBody::reply(
@@ -997,7 +987,7 @@ impl<C: Db> Pages for Pager<C> {
     fn finish(&mut self) -> Result<(), String> {
         if self.tx.open {
             self.tx
-                .end_read_only()
+                .end()
                 .map_err(|e| format!("$dump-sql: ending the transaction failed: {e}"))?;
         }
         Ok(())
