@@ -45,7 +45,7 @@
 //! transaction (its "Clean" recycling does not roll back).
 
 use crate::config::Config;
-use crate::db::{Db, DbError, Rows, Value};
+use crate::db::{Db, DbError, Param, Rows, Value};
 use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
 use crate::output::{PagedBody, Pages};
@@ -757,6 +757,8 @@ struct Pager<C: Db> {
     shape: RowText,
     ncols: usize,
     sizer: Sizer,
+    /// `statement_timeout_ms`, set again before every FETCH after the first.
+    timeout_ms: String,
     scratch: Vec<u8>,
     done: bool,
 }
@@ -766,6 +768,18 @@ impl<C: Db> Pager<C> {
     fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), PageError> {
         if self.done {
             return Ok(());
+        }
+        if self.sizer.rows > 0 {
+            // The statement timeout bounds every FETCH, even after the query itself turned it
+            // off for the session (`set_config('statement_timeout', '0', false)` in a row of
+            // an earlier page): a FETCH's timer starts from the setting as it is then.
+            self.tx
+                .conn
+                .execute(
+                    "SELECT pg_catalog.set_config('statement_timeout', $1, true)",
+                    vec![Param::Str(self.timeout_ms.clone())],
+                )
+                .map_err(PageError::Db)?;
         }
         let n = self.sizer.next();
         let rows = self
@@ -900,6 +914,7 @@ pub fn dump_sql<C: Db + 'static>(
         shape,
         ncols: names.len(),
         sizer: Sizer::new(cfg.page_bytes, work_mem.max(0) as u64),
+        timeout_ms: cfg.statement_timeout_ms.to_string(),
         scratch: Vec::new(),
         done: false,
     };

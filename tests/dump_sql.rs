@@ -711,6 +711,17 @@ fn statement_timeout_before_and_after_the_first_byte() {
     assert_eq!(r.status, 200);
     assert_eq!(r.exit, 18, "a timeout mid-stream must abort the transfer");
     assert_no_open_transactions(&db);
+    // The query turns the timeout off in its first row (the first page); the second page
+    // sleeps 3 s. Every FETCH is bounded all the same.
+    let r = dump(
+        &host,
+        "",
+        "select g, case when g = 1 then set_config('statement_timeout', '0', false) end, \
+         (case when g = 3 then pg_sleep(3) end) is null from generate_series(1, 3) g",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.exit, 18, "the query switched its own timeout off");
+    assert_no_open_transactions(&db);
 }
 
 #[test]
