@@ -11,8 +11,10 @@
 //!   function — exactly what COPY writes for it (bool as `t`, `char(n)` padded, inet without
 //!   `/32`, timestamptz in the session's TimeZone, …) — as UTF-8 bytes, fields separated by
 //!   the byte 0xFF, a NULL field the single byte 0xFE. Neither byte ever occurs in UTF-8, so
-//!   the split needs no escaping in SQL; the component escapes each field for TSV or CSV.
-//!   (Databases in `SQL_ASCII`, whose text may hold any byte, take the record shape.)
+//!   the split needs no escaping in SQL; the component escapes each field for TSV or CSV, or,
+//!   when no field needs it (almost every row), copies the line once with its separators
+//!   turned into the delimiter. (Databases in `SQL_ASCII`, whose text may hold any byte, take
+//!   the record shape.)
 //! - [`RowText::Record`]: `ROW(t.*)::text`, PostgreSQL's record syntax, parsed back by
 //!   [`for_each_field`]. Used when the query has no columns, or a column of a pseudo-type
 //!   (`record`, `anyarray`, …) whose output function can't be named safely.
