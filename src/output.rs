@@ -61,7 +61,7 @@ pub trait Pages {
     fn done(&self) -> bool;
     /// Appends the next page to `buf`. The error says what failed, for the log.
     fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), String>;
-    /// After the last page was written (e.g. COMMIT).
+    /// After the last page was written (e.g. ending a transaction).
     fn finish(&mut self) -> Result<(), String> {
         Ok(())
     }
