@@ -214,26 +214,38 @@ pub fn encode_row(
         (_, RowText::Record) => false,
     };
     if !plain {
-        let sep = if format == Format::Csv { b',' } else { b'\t' };
-        let mut first = true;
-        let each = |v: Option<&[u8]>| {
-            if !std::mem::take(&mut first) {
-                out.push(sep);
-            }
-            match (format, v) {
-                (Format::Csv, Some(v)) => csv_field(out, v, ncols == 1),
-                (Format::Csv, None) => {}
-                (_, Some(v)) => tsv_field(out, v),
-                (_, None) => out.extend_from_slice(b"\\N"),
-            }
-        };
-        match shape {
-            RowText::Line => for_each_line_field(row, ncols, each)?,
-            RowText::Record => for_each_field(row, ncols, scratch, each)?,
-        }
+        field_by_field(out, format, shape, ncols, row, scratch)?;
     }
     out.push(b'\n');
     Ok(())
+}
+
+/// Writes a TSV or CSV row field by field, escaping or quoting each as COPY does.
+fn field_by_field(
+    out: &mut Vec<u8>,
+    format: Format,
+    shape: RowText,
+    ncols: usize,
+    row: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    let sep = if format == Format::Csv { b',' } else { b'\t' };
+    let mut first = true;
+    let each = |v: Option<&[u8]>| {
+        if !std::mem::take(&mut first) {
+            out.push(sep);
+        }
+        match (format, v) {
+            (Format::Csv, Some(v)) => csv_field(out, v, ncols == 1),
+            (Format::Csv, None) => {}
+            (_, Some(v)) => tsv_field(out, v),
+            (_, None) => out.extend_from_slice(b"\\N"),
+        }
+    };
+    match shape {
+        RowText::Line => for_each_line_field(row, ncols, each),
+        RowText::Record => for_each_field(row, ncols, scratch, each),
+    }
 }
 
 /// Writes a [`RowText::Line`] in one pass when none of its fields needs escaping or quoting
@@ -573,18 +585,14 @@ mod tests {
             let ncols = memchr::memchr_iter(SEP, line).count() + 1;
             for format in [Format::Tsv, Format::Csv] {
                 let mut want = Vec::new();
-                let mut first = true;
-                for_each_line_field(line, ncols, |v| {
-                    if !std::mem::take(&mut first) {
-                        want.push(if format == Format::Csv { b',' } else { b'\t' });
-                    }
-                    match (format, v) {
-                        (Format::Csv, Some(v)) => csv_field(&mut want, v, ncols == 1),
-                        (Format::Csv, None) => {}
-                        (_, Some(v)) => tsv_field(&mut want, v),
-                        (_, None) => want.extend_from_slice(b"\\N"),
-                    }
-                })
+                field_by_field(
+                    &mut want,
+                    format,
+                    RowText::Line,
+                    ncols,
+                    line,
+                    &mut Vec::new(),
+                )
                 .unwrap();
                 want.push(b'\n');
                 let mut got = b"prefix".to_vec();
