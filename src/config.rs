@@ -13,6 +13,8 @@ pub struct Config {
     pub admin_secret: Option<String>,
     /// The longest ndjson line `$load` accepts.
     pub max_line_bytes: u64,
+    /// How many component instances share one `$dump` (1: no self requests).
+    pub dump_parallel: u64,
 }
 
 impl Config {
@@ -27,6 +29,7 @@ impl Config {
             statement_timeout_ms: number(p, "statement_timeout_ms", 300_000, 0..=86_400_000)?,
             admin_secret: p.variable("admin_secret").filter(|s| !s.is_empty()),
             max_line_bytes: number(p, "max_line_bytes", 16 << 20, 1024..=(256 << 20))?,
+            dump_parallel: number(p, "dump_parallel", 2, 1..=crate::dump::MAX_PARTS)?,
         })
     }
 

@@ -199,6 +199,25 @@ pub trait Platform {
     fn random_bytes(&self, n: usize) -> Vec<u8>;
     /// `GET url` through the platform's outbound HTTP (Spin checks `allowed_outbound_hosts`).
     fn fetch(&self, url: &str) -> Result<Fetched, String>;
+    /// Requests to this same application (Spin's self requests), for a split `$dump`.
+    fn self_requests(&self) -> Box<dyn SelfRequest>;
+}
+
+/// Sends requests to this same application.
+pub trait SelfRequest {
+    /// Sends `GET path_and_query` with this `Authorization` and returns at once: the other
+    /// instance works while this one goes on.
+    fn send(
+        &self,
+        path_and_query: &str,
+        authorization: &str,
+    ) -> Result<Box<dyn PendingResponse>, String>;
+}
+
+/// A response still on its way.
+pub trait PendingResponse {
+    /// Waits for the status and headers; the body then streams.
+    fn wait(self: Box<Self>) -> Result<Fetched, String>;
 }
 
 /// A fetched response: its status, whether it is gzip-encoded, and its body as a stream.

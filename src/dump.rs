@@ -20,10 +20,11 @@
 use crate::config::Config;
 use crate::db::{quote_ident, Db, Param, Value};
 use crate::encode::{resource_text_sql, LineEncoder};
+use crate::fanout::{Fanout, HelperPages, MainPages, FRAMES_TYPE};
 use crate::http::{Reply, Request};
 use crate::outcome::ApiError;
 use crate::output::{PagedBody, Pages};
-use crate::params::Params;
+use crate::params::{invalid, Params};
 use crate::route::table_name;
 
 /// What to dump, from the path and query.
@@ -47,6 +48,70 @@ pub struct DumpQuery {
     /// and Patient-compartment rules. Built by the server from constants and database-made
     /// values only, never from request text (it is pasted into SQL as is).
     pub filter: Option<String>,
+    /// `_part`, `_pages`, `_snapshot`: this request is a helper of a split `$dump` (see
+    /// [`crate::fanout`]), answering its share of the pages as frames.
+    pub part: Option<Part>,
+}
+
+/// A helper's share of a split `$dump`: pages of `rows` rows after `_after`, numbered from 1,
+/// this instance taking those numbered `index` modulo `of`, all under the exporting
+/// transaction's snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    pub index: u64,
+    pub of: u64,
+    pub rows: u64,
+    pub snapshot: String,
+}
+
+/// The most instances one `$dump` may be split across.
+pub const MAX_PARTS: u64 = 16;
+
+impl Part {
+    fn parse(p: &mut Params) -> Result<Option<Part>, ApiError> {
+        let part = p.take("_part")?;
+        let rows = p.take_u64("_pages")?;
+        let snapshot = p.take("_snapshot")?;
+        let (part, rows, snapshot) = match (part, rows, snapshot) {
+            (None, None, None) => return Ok(None),
+            (Some(part), Some(rows), Some(snapshot)) => (part, rows, snapshot),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "_part, _pages and _snapshot go together (a split $dump's helper request)",
+                ))
+            }
+        };
+        let bad = || invalid("_part", &part, "expected i/k with 1 <= i < k <= 16");
+        let (index, of) = part.split_once('/').ok_or_else(bad)?;
+        let (index, of) = (
+            index.parse::<u64>().map_err(|_| bad())?,
+            of.parse::<u64>().map_err(|_| bad())?,
+        );
+        if !(1 <= index && index < of && of <= MAX_PARTS) {
+            return Err(bad());
+        }
+        if !(1..=MAX_PAGE_ROWS).contains(&rows) {
+            return Err(invalid(
+                "_pages",
+                &rows.to_string(),
+                "expected 1 to 50000 rows per page",
+            ));
+        }
+        // Pasted into `SET TRANSACTION SNAPSHOT '…'` (it takes no parameters): PostgreSQL's
+        // snapshot names are hex digits and dashes.
+        let valid = !snapshot.is_empty()
+            && snapshot.len() <= 64
+            && snapshot.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        if !valid {
+            return Err(invalid("_snapshot", &snapshot, "not a snapshot name"));
+        }
+        Ok(Some(Part {
+            index,
+            of,
+            rows,
+            snapshot,
+        }))
+    }
 }
 
 impl DumpQuery {
@@ -62,8 +127,14 @@ impl DumpQuery {
             fhir: p.take_bool("fhir")?.unwrap_or(false),
             gzip: p.take_bool("gzip")?.unwrap_or(false) || req.accepts_gzip(),
             filter: None,
+            part: Part::parse(&mut p)?,
         };
         p.finish()?;
+        if q.part.is_some() && (q.count.is_some() || q.gzip) {
+            return Err(ApiError::bad_request(
+                "a split $dump's helper request takes neither _count nor gzip",
+            ));
+        }
         Ok(q)
     }
 }
@@ -106,12 +177,10 @@ enum Cursor {
     Exactly,
 }
 
-/// The page query. `$1` limit, `$2` largest row carried in full, then the filters, then the
-/// cursor.
-fn page_sql(q: &DumpQuery, cursor: Cursor) -> String {
-    let table = table_name(&q.type_name);
+/// The `WHERE` clause: the filters, then the cursor, numbered from `$first + 1`.
+fn conditions(q: &DumpQuery, cursor: Cursor, first: usize) -> String {
     let mut conds: Vec<String> = Vec::new();
-    let mut n = 2;
+    let mut n = first;
     let mut next = || {
         n += 1;
         n
@@ -134,11 +203,29 @@ fn page_sql(q: &DumpQuery, cursor: Cursor) -> String {
     if let Some(f) = &q.filter {
         conds.push(format!("({f})"));
     }
-    let filter = if conds.is_empty() {
+    if conds.is_empty() {
         String::new()
     } else {
         format!("WHERE {}", conds.join(" AND "))
-    };
+    }
+}
+
+/// The skip query of a split dump: the id `$1` rows further on (`OFFSET $1 LIMIT 1`), or no
+/// row when fewer are left. Reads the id index only (with a `ts` filter, the heap too), none of
+/// the resources.
+fn skip_sql(q: &DumpQuery, cursor: Cursor) -> String {
+    format!(
+        "SELECT id FROM {table} {filter} ORDER BY id OFFSET $1 LIMIT 1",
+        table = quote_ident(&table_name(&q.type_name)),
+        filter = conditions(q, cursor, 1),
+    )
+}
+
+/// The page query. `$1` limit, `$2` largest row carried in full, then the filters, then the
+/// cursor.
+fn page_sql(q: &DumpQuery, cursor: Cursor) -> String {
+    let table = table_name(&q.type_name);
+    let filter = conditions(q, cursor, 2);
     // One row per page: PostgreSQL concatenates the page's rows into one text, a line per row
     // (`len\tid\ttxid\tts\tcts\tresource`, parsed by `LineEncoder::push_page`). Handing Spin
     // one value instead of five per row removes the per-value cost of the component ABI (a
@@ -166,13 +253,16 @@ fn page_sql(q: &DumpQuery, cursor: Cursor) -> String {
     )
 }
 
-/// The page loop's state, kept between queries.
-struct Pager<C: Db> {
+/// The page loop's state, kept between queries. Also the walk of a split dump's instances
+/// ([`crate::fanout`]): [`Pager::render`] a page of a given size, [`Pager::skip`] past others'.
+pub(crate) struct Pager<C: Db> {
     conn: C,
     first_sql: String,
     next_sql: String,
     single_sql: String,
-    q: DumpQuery,
+    skip_first_sql: String,
+    skip_next_sql: String,
+    pub(crate) q: DumpQuery,
     budget: u64,
     encoder: LineEncoder,
     cursor: Option<String>,
@@ -180,15 +270,33 @@ struct Pager<C: Db> {
     rows_seen: u64,
     bytes_seen: u64,
     done: bool,
+    /// Inside a transaction (a split dump's snapshot), ended by `finish` or `abort`.
+    in_tx: bool,
 }
 
 impl<C: Db> Pager<C> {
-    /// `$1` limit, `$2` largest row carried in full, the filters, the cursor.
-    fn params(&self, limit: u64, max_size: u64, cursor: Option<&str>) -> Vec<Param> {
-        let mut params = vec![
-            Param::Int(limit as i64),
-            Param::Int(max_size.min(i64::MAX as u64) as i64),
-        ];
+    fn new(conn: C, q: DumpQuery, budget: u64) -> Pager<C> {
+        Pager {
+            conn,
+            first_sql: page_sql(&q, Cursor::Start),
+            next_sql: page_sql(&q, Cursor::After),
+            single_sql: page_sql(&q, Cursor::Exactly),
+            skip_first_sql: skip_sql(&q, Cursor::Start),
+            skip_next_sql: skip_sql(&q, Cursor::After),
+            encoder: LineEncoder::new(&q.type_name, q.fhir),
+            budget,
+            cursor: None,
+            remaining: q.count,
+            rows_seen: 0,
+            bytes_seen: 0,
+            done: false,
+            in_tx: false,
+            q,
+        }
+    }
+
+    /// The filters' parameters, then the cursor's.
+    fn filter_params(&self, params: &mut Vec<Param>, cursor: Option<&str>) {
         for v in [&self.q.since, &self.q.until, &self.q.upto]
             .into_iter()
             .flatten()
@@ -198,7 +306,24 @@ impl<C: Db> Pager<C> {
         if let Some(c) = cursor {
             params.push(Param::Str(c.to_string()));
         }
+    }
+
+    /// `$1` limit, `$2` largest row carried in full, the filters, the cursor.
+    fn params(&self, limit: u64, max_size: u64, cursor: Option<&str>) -> Vec<Param> {
+        let mut params = vec![
+            Param::Int(limit as i64),
+            Param::Int(max_size.min(i64::MAX as u64) as i64),
+        ];
+        self.filter_params(&mut params, cursor);
         params
+    }
+
+    /// The SQL and cursor value for the next query: after the last id seen, or from the start.
+    fn position<'a>(&'a self, first: &'a str, next: &'a str) -> (&'a str, Option<&'a str>) {
+        match &self.cursor {
+            Some(c) => (next, Some(c.as_str())),
+            None => (first, self.q.after.as_deref()),
+        }
     }
 
     /// Runs a page query: its text (None for an empty window) and the window's row count.
@@ -219,10 +344,11 @@ impl<C: Db> Pager<C> {
         Ok((text, window_rows.as_i64().unwrap_or(0)))
     }
 
-    /// Reads the next page and appends its lines to `buf`. Returns the number of lines.
-    fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<usize, PageError> {
+    /// Reads the next page in the serial walk (its size from the rows seen so far) and appends
+    /// its lines to `buf`.
+    fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), PageError> {
         if self.done {
-            return Ok(0);
+            return Ok(());
         }
         let mut limit = next_limit(self.budget, self.rows_seen, self.bytes_seen);
         if let Some(r) = self.remaining {
@@ -230,16 +356,23 @@ impl<C: Db> Pager<C> {
         }
         if limit == 0 {
             self.done = true;
-            return Ok(0);
+            return Ok(());
         }
-        let (sql, cursor) = match &self.cursor {
-            Some(c) => (&self.next_sql, Some(c.as_str())),
-            None => (&self.first_sql, self.q.after.as_deref()),
-        };
+        let window_rows = self.render(buf, limit)?;
+        // A full LIMIT window may have more rows after it.
+        self.done = window_rows < limit || self.remaining == Some(0);
+        Ok(())
+    }
+
+    /// Reads the page of (at most) `limit` rows after the cursor, appends its lines to `buf` and
+    /// moves the cursor to its last id. Returns the window's row count: fewer than `limit`
+    /// means the end.
+    pub(crate) fn render(&mut self, buf: &mut Vec<u8>, limit: u64) -> Result<u64, PageError> {
+        let (sql, cursor) = self.position(&self.first_sql, &self.next_sql);
         let params = self.params(limit, size_limit(self.budget, limit), cursor);
-        let (text, window_rows) = Self::query(&mut self.conn, sql, params)?;
+        let sql = sql.to_string();
+        let (text, window_rows) = Self::query(&mut self.conn, &sql, params)?;
         let Some(text) = text else {
-            self.done = true;
             return Ok(0);
         };
         // Rows left out for their size are read alone (no size limit), at their place.
@@ -278,13 +411,105 @@ impl<C: Db> Pager<C> {
         if let Some(r) = self.remaining.as_mut() {
             *r -= (page.lines as u64).min(*r);
         }
-        // A full LIMIT window may have more rows after it.
-        self.done = window_rows < limit as i64 || self.remaining == Some(0);
-        Ok(page.lines)
+        Ok(window_rows.max(0) as u64)
+    }
+
+    /// Moves the cursor `rows` rows on without reading them (the pages another instance of a
+    /// split dump renders). `false` when fewer rows are left: the end is in those pages.
+    pub(crate) fn skip(&mut self, rows: u64) -> Result<bool, PageError> {
+        if rows == 0 {
+            return Ok(true);
+        }
+        let (sql, cursor) = self.position(&self.skip_first_sql, &self.skip_next_sql);
+        let mut params = vec![Param::Int((rows - 1) as i64)];
+        self.filter_params(&mut params, cursor);
+        let sql = sql.to_string();
+        let rows = self.conn.query(&sql, params).map_err(PageError::Db)?.rows;
+        match rows.into_iter().next().and_then(|r| r.into_iter().next()) {
+            Some(Value::Str(id)) => {
+                self.cursor = Some(id);
+                Ok(true)
+            }
+            None => Ok(false),
+            Some(other) => Err(PageError::Shape(format!(
+                "the skip query returned {other:?}"
+            ))),
+        }
+    }
+
+    /// Row count of a page that fills the budget, from what the first page showed.
+    pub(crate) fn steady_limit(&self) -> u64 {
+        next_limit(self.budget, self.rows_seen, self.bytes_seen)
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The last id sent (where the rest of the dump starts).
+    pub(crate) fn cursor(&self) -> Option<&str> {
+        self.cursor.as_deref()
+    }
+
+    /// Opens a `REPEATABLE READ` transaction and exports its snapshot (for the helpers of a
+    /// split dump), returning its name.
+    pub(crate) fn export_snapshot(&mut self) -> Result<String, PageError> {
+        self.begin()?;
+        let rows = self
+            .conn
+            .query("SELECT pg_catalog.pg_export_snapshot()", Vec::new())
+            .map_err(PageError::Db)?
+            .rows;
+        match rows.into_iter().next().and_then(|r| r.into_iter().next()) {
+            Some(Value::Str(name)) => Ok(name),
+            other => Err(PageError::Shape(format!(
+                "pg_export_snapshot returned {other:?}"
+            ))),
+        }
+    }
+
+    /// Reads under the snapshot another instance exported (a split dump's helper).
+    pub(crate) fn import_snapshot(&mut self, name: &str) -> Result<(), PageError> {
+        self.begin()?;
+        // The name was checked to be hex digits and dashes (`Part::parse`): the statement
+        // takes no parameters.
+        self.conn
+            .execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"), Vec::new())
+            .map_err(PageError::Db)?;
+        Ok(())
+    }
+
+    fn begin(&mut self) -> Result<(), PageError> {
+        self.conn
+            .execute(
+                "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                Vec::new(),
+            )
+            .map_err(PageError::Db)?;
+        self.in_tx = true;
+        Ok(())
+    }
+
+    /// Ends the transaction, if any, after the last page.
+    pub(crate) fn end(&mut self) -> Result<(), PageError> {
+        if std::mem::take(&mut self.in_tx) {
+            self.conn
+                .execute("COMMIT", Vec::new())
+                .map_err(PageError::Db)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction, if any, after a failure (best effort: a broken connection is
+    /// dropped by Spin's pool).
+    pub(crate) fn rollback(&mut self) {
+        if std::mem::take(&mut self.in_tx) {
+            let _ = self.conn.execute("ROLLBACK", Vec::new());
+        }
     }
 }
 
-enum PageError {
+pub(crate) enum PageError {
     Db(crate::db::DbError),
     Shape(String),
 }
@@ -300,7 +525,7 @@ impl PageError {
         }
     }
 
-    fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             PageError::Db(e) => e.message(),
             PageError::Shape(m) => m.clone(),
@@ -309,32 +534,41 @@ impl PageError {
 }
 
 /// Starts a dump: everything that can fail with a status happens here, including the first page.
-pub fn start<C: Db + 'static>(conn: C, q: DumpQuery, cfg: &Config) -> Result<Reply, ApiError> {
-    let mut pager = Pager {
-        conn,
-        first_sql: page_sql(&q, Cursor::Start),
-        next_sql: page_sql(&q, Cursor::After),
-        single_sql: page_sql(&q, Cursor::Exactly),
-        encoder: LineEncoder::new(&q.type_name, q.fhir),
-        budget: cfg.page_bytes,
-        cursor: None,
-        remaining: q.count,
-        rows_seen: 0,
-        bytes_seen: 0,
-        done: false,
-        q,
-    };
+/// With `fanout`, the rest of a dump larger than its first page is split with helper instances
+/// ([`crate::fanout`]); a helper request (`_part`) answers its share as frames.
+pub fn start<C: Db + 'static>(
+    conn: C,
+    q: DumpQuery,
+    cfg: &Config,
+    fanout: Option<Fanout>,
+) -> Result<Reply, ApiError> {
+    let type_name = q.type_name.clone();
+    let mut pager = Pager::new(conn, q, cfg.page_bytes);
+    if pager.q.part.is_some() {
+        let pages = HelperPages::start(pager).map_err(|e| e.into_api(&type_name))?;
+        return Ok(PagedBody::reply(pages, Vec::new(), FRAMES_TYPE, false));
+    }
     let mut first = Vec::new();
     pager
         .next_page(&mut first)
-        .map_err(|e| e.into_api(&pager.q.type_name))?;
+        .map_err(|e| e.into_api(&type_name))?;
     let content_type = if pager.q.fhir {
         "application/fhir+ndjson"
     } else {
         "application/ndjson"
     };
     let gzip = pager.q.gzip;
-    Ok(PagedBody::reply(pager, first, content_type, gzip))
+    // `_count` and server-made filters ($export) stay serial: neither is worth splitting.
+    let splittable = pager.q.count.is_none() && pager.q.filter.is_none() && !pager.is_done();
+    match fanout.filter(|f| f.parts > 1 && splittable) {
+        Some(f) => Ok(PagedBody::reply(
+            MainPages::new(pager, f),
+            first,
+            content_type,
+            gzip,
+        )),
+        None => Ok(PagedBody::reply(pager, first, content_type, gzip)),
+    }
 }
 
 impl<C: Db> Pages for Pager<C> {
@@ -343,13 +577,21 @@ impl<C: Db> Pages for Pager<C> {
     }
 
     fn next_page(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
-        Pager::next_page(self, buf).map(drop).map_err(|e| {
+        Pager::next_page(self, buf).map_err(|e| {
             format!(
                 "$dump of {} failed mid-stream: {}",
                 self.q.type_name,
                 e.message()
             )
         })
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        self.end().map_err(|e| e.message())
+    }
+
+    fn abort(&mut self) {
+        self.rollback();
     }
 }
 

@@ -747,7 +747,7 @@ pub fn file<C: Db + 'static>(
         filter: Some(job_filter(&job, type_name)),
         ..Default::default()
     };
-    dump::start(conn, q, cfg)
+    dump::start(conn, q, cfg, None)
 }
 
 fn no_part(part: &str) -> ApiError {

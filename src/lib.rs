@@ -15,6 +15,7 @@ pub mod db;
 pub mod dump;
 pub mod encode;
 pub mod export;
+pub mod fanout;
 pub mod http;
 pub mod load;
 pub mod outcome;
@@ -68,7 +69,13 @@ where
     match route {
         Route::Dump { type_name } => {
             let q = dump::DumpQuery::parse(&type_name, &req)?;
-            dump::start(conn, q, &cfg)
+            let fanout = fanout::Fanout {
+                requests: platform.self_requests(),
+                path: req.path.clone(),
+                authorization: req.header("authorization").unwrap_or_default().to_string(),
+                parts: cfg.dump_parallel,
+            };
+            dump::start(conn, q, &cfg, Some(fanout))
         }
         Route::DumpSql => sql::dump_sql(conn, &mut req, &cfg),
         Route::Sql => sql::console(&mut conn, &mut req),

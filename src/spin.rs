@@ -9,11 +9,16 @@
 //!   succeeded; on failure it is dropped unfinished, which Spin turns into an aborted
 //!   transfer (curl exit 18) instead of a response that looks complete.
 
-use crate::db::{Column, DateTime, Db, DbError, Fetched, Param, Platform, Rows, Value};
+use crate::db::{
+    Column, DateTime, Db, DbError, Fetched, Param, PendingResponse, Platform, Rows, SelfRequest,
+    Value,
+};
 use crate::http::{BodyReader, BodyWriter, Reply, Request};
 use spin_sdk::http::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
 use spin_sdk::pg4::{self, DbDataType, DbValue, ParameterValue};
-use spin_sdk::wit::wasi::http0_2_0::types::{IncomingBody, IncomingResponse};
+use spin_sdk::wit::wasi::http0_2_0::types::{
+    FutureIncomingResponse, IncomingBody, IncomingResponse,
+};
 use wasi::io::streams::{InputStream, OutputStream, StreamError};
 
 struct SpinPlatform;
@@ -61,31 +66,114 @@ impl Platform for SpinPlatform {
             return Err(format!("{url:?} is not a valid request URL"));
         }
         let future = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
-        future.subscribe().block();
-        let response = match future.get() {
-            Some(Ok(Ok(r))) => r,
-            Some(Ok(Err(e))) => return Err(format!("{e:?}")),
-            _ => return Err("no response".into()),
+        fetched(wait_response(future)?)
+    }
+
+    fn self_requests(&self) -> Box<dyn SelfRequest> {
+        Box::new(SpinSelf)
+    }
+}
+
+/// Waits for an outbound response's status and headers.
+fn wait_response(future: FutureIncomingResponse) -> Result<IncomingResponse, String> {
+    future.subscribe().block();
+    match future.get() {
+        Some(Ok(Ok(r))) => Ok(r),
+        Some(Ok(Err(e))) => Err(format!("{e:?}")),
+        _ => Err("no response".into()),
+    }
+}
+
+fn fetched(response: IncomingResponse) -> Result<Fetched, String> {
+    let status = response.status();
+    let gzip = response
+        .headers()
+        .get("content-encoding")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(b"gzip"));
+    let body = response
+        .consume()
+        .map_err(|()| "response body unavailable")?;
+    let stream = body.stream().ok();
+    Ok(Fetched {
+        status,
+        gzip,
+        body: Box::new(IncomingBodyReader {
+            stream,
+            _body: Some(body),
+            _response: Some(response),
+        }),
+    })
+}
+
+/// Spin's self requests: a URL without an authority, allowed by `http://self` in
+/// `allowed_outbound_hosts`, reaches this same application. Spin also takes the host `self.alt`
+/// for SDKs that cannot leave the authority out, and a recent wasmtime-wasi-http refuses a
+/// request without one before Spin sees it; so the relative form is tried first, then
+/// `self.alt`.
+struct SpinSelf;
+
+fn self_request(
+    path_and_query: &str,
+    authorization: &str,
+    authority: Option<&str>,
+) -> Result<FutureIncomingResponse, String> {
+    use spin_sdk::wit::wasi::http0_2_0::outgoing_handler;
+    use spin_sdk::wit::wasi::http0_2_0::types::{Method, OutgoingRequest, Scheme};
+    let headers = fields(&[("authorization".into(), authorization.into())]);
+    let request = OutgoingRequest::new(headers);
+    let set = request.set_method(&Method::Get).is_ok()
+        && request.set_scheme(Some(&Scheme::Http)).is_ok()
+        && request.set_authority(authority).is_ok()
+        && request.set_path_with_query(Some(path_and_query)).is_ok();
+    if !set {
+        return Err(format!("{path_and_query:?} is not a valid request path"));
+    }
+    outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))
+}
+
+impl SelfRequest for SpinSelf {
+    fn send(
+        &self,
+        path_and_query: &str,
+        authorization: &str,
+    ) -> Result<Box<dyn PendingResponse>, String> {
+        let pending = |future, relative| SpinPending {
+            future,
+            relative,
+            path_and_query: path_and_query.to_string(),
+            authorization: authorization.to_string(),
         };
-        let status = response.status();
-        let gzip = response
-            .headers()
-            .get("content-encoding")
-            .iter()
-            .any(|v| v.eq_ignore_ascii_case(b"gzip"));
-        let body = response
-            .consume()
-            .map_err(|()| "response body unavailable")?;
-        let stream = body.stream().ok();
-        Ok(Fetched {
-            status,
-            gzip,
-            body: Box::new(IncomingBodyReader {
-                stream,
-                _body: Some(body),
-                _response: Some(response),
-            }),
-        })
+        match self_request(path_and_query, authorization, None) {
+            Ok(future) => Ok(Box::new(pending(future, true))),
+            Err(_) => {
+                let future = self_request(path_and_query, authorization, Some("self.alt"))?;
+                Ok(Box::new(pending(future, false)))
+            }
+        }
+    }
+}
+
+struct SpinPending {
+    future: FutureIncomingResponse,
+    /// Sent without an authority: on failure, try `self.alt`.
+    relative: bool,
+    path_and_query: String,
+    authorization: String,
+}
+
+impl PendingResponse for SpinPending {
+    fn wait(self: Box<Self>) -> Result<Fetched, String> {
+        match wait_response(self.future) {
+            Ok(r) => fetched(r),
+            Err(e) if self.relative => {
+                let future =
+                    self_request(&self.path_and_query, &self.authorization, Some("self.alt"))
+                        .map_err(|e2| format!("{e}; then {e2}"))?;
+                fetched(wait_response(future)?)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -76,6 +76,24 @@ impl AllowedHosts {
     }
 }
 
+impl AllowedHosts {
+    /// Whether requests to the application itself may be made (Spin's `check_relative_url`):
+    /// an entry for the host `self` (e.g. `http://self`), or one for any host, with the scheme
+    /// http, https or `*`.
+    pub fn allows_self(&self) -> bool {
+        self.entries.iter().any(|e| {
+            e.scheme
+                .as_deref()
+                .is_none_or(|s| s == "http" || s == "https")
+                && match &e.host {
+                    HostPattern::Any => true,
+                    HostPattern::Exact(h) => h == "self",
+                    _ => false,
+                }
+        })
+    }
+}
+
 fn host_matches(pattern: &HostPattern, host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     match pattern {

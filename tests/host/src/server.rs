@@ -45,9 +45,13 @@ pub struct State {
 }
 
 /// Outbound HTTP as Spin allows it: only to the component's `allowed_outbound_hosts`; any other
-/// request fails with `HttpRequestDenied`, which is what Spin answers.
+/// request fails with `HttpRequestDenied`, which is what Spin answers. A self request (Spin:
+/// no authority, or the host `self.alt`; wasmtime-wasi-http refuses the first before this hook
+/// sees it) needs `http://self` and goes to this host's own listener, as Spin sends it to its
+/// own origin.
 struct OutboundHttp {
     pg: Arc<PgContext>,
+    listen: SocketAddr,
 }
 
 impl WasiHttpHooks for OutboundHttp {
@@ -70,6 +74,28 @@ impl WasiHttpHooks for OutboundHttp {
                 >,
             > + Send,
     > {
+        let mut request = request;
+        if request.uri().host().is_none_or(|h| h.is_empty() || h == "self.alt") {
+            if !self.pg.allowed.allows_self() {
+                return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+            }
+            let path = request
+                .uri()
+                .path_and_query()
+                .map(|pq| pq.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            match format!("http://{}{path}", self.listen).parse() {
+                Ok(uri) => *request.uri_mut() = uri,
+                Err(_) => {
+                    return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestUriInvalid) })
+                }
+            }
+            if let Ok(host) = HeaderValue::from_str(&self.listen.to_string()) {
+                request.headers_mut().insert(http::header::HOST, host);
+            }
+            let default: &mut dyn WasiHttpHooks = Default::default();
+            return default.send_request(request, options, fut);
+        }
         let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let host = uri.host().unwrap_or("").to_string();
@@ -278,6 +304,7 @@ async fn handle(
         db_micros,
         outbound: OutboundHttp {
             pg: shared.pg.clone(),
+            listen: shared.listen,
         },
         vars: shared.vars.clone(),
         limiter: Limiter {
