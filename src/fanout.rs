@@ -172,6 +172,8 @@ pub struct FrameReader {
     body: Box<dyn BodyReader>,
     pending: Vec<u8>,
     pos: usize,
+    /// The end marker was read.
+    ended: bool,
 }
 
 impl FrameReader {
@@ -180,6 +182,7 @@ impl FrameReader {
             body,
             pending: Vec::new(),
             pos: 0,
+            ended: false,
         }
     }
 
@@ -198,14 +201,36 @@ impl FrameReader {
         Ok(true)
     }
 
-    /// Appends the next page to `out` and returns its row count; `None` after the end marker.
+    /// After the last page the dump needed: the end marker must come next, then the body's
+    /// clean end (so the helper is done, its transaction ended, before this instance ends).
+    pub fn close(&mut self) -> Result<(), String> {
+        if self.next(&mut Vec::new())?.is_some() {
+            return Err("a helper sent a page after the end of the dump".into());
+        }
+        if self.pending.len() > self.pos {
+            return Err("a helper sent bytes after its end marker".into());
+        }
+        while let Some(chunk) = self.body.next_chunk()? {
+            if !chunk.is_empty() {
+                return Err("a helper sent bytes after its end marker".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the next page to `out` and returns its row count; `None` at (and after) the end
+    /// marker.
     pub fn next(&mut self, out: &mut Vec<u8>) -> Result<Option<u64>, String> {
+        if self.ended {
+            return Ok(None);
+        }
         let cut = "the helper's stream ended without its end marker";
         if !self.fill(END.len())? {
             return Err(cut.into());
         }
         if &self.pending[self.pos..self.pos + END.len()] == END {
             self.pos += END.len();
+            self.ended = true;
             return Ok(None);
         }
         if !self.fill(HEADER_LEN)? {
@@ -386,11 +411,8 @@ impl<C: Db> MainPages<C> {
                 return Err("the split dump's instances disagree on where it ends".into());
             }
             // Every helper must have nothing more: its end marker, not a page.
-            let mut rest = Vec::new();
             for h in &mut s.helpers {
-                if h.next(&mut rest)?.is_some() {
-                    return Err("a helper sent a page after the end of the dump".into());
-                }
+                h.close()?;
             }
             self.mode = Mode::Done;
         }
@@ -479,7 +501,21 @@ mod tests {
                 assert_eq!(&out[4..], &p[..], "chunk {chunk}");
             }
             assert_eq!(r.next(&mut Vec::new()).unwrap(), None);
+            // Asked again (the end check after the last page), still the end.
+            assert_eq!(r.next(&mut Vec::new()).unwrap(), None);
+            r.close().unwrap();
         }
+        // Anything after the end marker is an error, not a clean end.
+        let mut extra = stream.clone();
+        extra.extend_from_slice(b"P");
+        let mut r = FrameReader::new(Box::new(Chunked(extra, 4096)));
+        for _ in &pages {
+            r.next(&mut Vec::new()).unwrap();
+        }
+        assert!(r.close().is_err());
+        // A page where the end should be is an error too.
+        let mut r = FrameReader::new(Box::new(Chunked(stream.clone(), 4096)));
+        assert!(r.close().is_err());
     }
 
     #[test]

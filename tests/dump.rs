@@ -357,6 +357,20 @@ fn bad_parameters_are_400_operation_outcomes_naming_the_parameter() {
         ("gzip=1", "gzip"),
         ("_snce=2024-01-01", "unknown parameter _snce"),
         ("_count=1&_count=2", "more than once"),
+        // A split dump's helper parameters: together, well-formed, never with _count or gzip.
+        ("_part=1/2", "go together"),
+        ("_part=2/2&_pages=10&_snapshot=00000003-0000001B-1", "_part"),
+        ("_part=0/2&_pages=10&_snapshot=00000003-0000001B-1", "_part"),
+        (
+            "_part=1/17&_pages=10&_snapshot=00000003-0000001B-1",
+            "_part",
+        ),
+        ("_part=1/2&_pages=0&_snapshot=00000003-0000001B-1", "_pages"),
+        ("_part=1/2&_pages=10&_snapshot=1'%3Bdrop", "_snapshot"),
+        (
+            "_part=1/2&_pages=10&_snapshot=00000003-0000001B-1&_count=5",
+            "neither _count nor gzip",
+        ),
     ] {
         let r = get(&host, &format!("/Patient/$dump?{query}"));
         let diagnostics = outcome(&r, 400);
@@ -598,4 +612,217 @@ fn no_connection_is_left_busy_after_dumps() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(busy, 0, "connections left active or idle in transaction");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split dumps: the rest of a dump after its first page shared with helper instances (Spin self
+// requests) under one snapshot (src/fanout.rs).
+
+/// A host whose manifest is spin.toml without `http://self`: no self requests allowed.
+fn serve_without_self_requests(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
+    let manifest = std::fs::read_to_string(repo_root().join("spin.toml")).unwrap();
+    assert!(manifest.contains(r#", "http://self""#));
+    let path = std::env::temp_dir().join(format!("spin-bulk-noself-{}.toml", db.name));
+    std::fs::write(&path, manifest.replace(r#", "http://self""#, "")).unwrap();
+    let mut cfg = spin_bulk_host::HostConfig::new(wasm_path(), path);
+    cfg.variables.insert("db_url".into(), db.url.clone());
+    cfg.variables.insert("db_host".into(), host_port(&db.url));
+    cfg.variables
+        .insert("admin_secret".into(), "test-admin-secret".into());
+    for (k, v) in vars {
+        cfg.variables.insert((*k).to_string(), (*v).to_string());
+    }
+    spin_bulk_host::Host::start(cfg).unwrap()
+}
+
+/// How many instances answered `$dump` requests so far (the main ones and their helpers).
+fn dump_instances(host: &spin_bulk_host::Host) -> usize {
+    host.requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/$dump") && r.status == 200)
+        .count()
+}
+
+/// Rows whose stored resources are under the component's 256-byte floor per row, so that with
+/// a 4096-byte page budget every page after the first holds exactly 16 rows.
+fn fill_uniform(db: &TestDb, n: usize) {
+    db.exec("TRUNCATE patient");
+    if n > 0 {
+        db.exec(&format!(
+            "INSERT INTO patient (id, txid, status, resource)
+             SELECT 'u' || lpad(g::text, 6, '0'), g, 'created',
+                    jsonb_build_object('n', g, 'pad', repeat('y', 200))
+             FROM generate_series(1, {n}) g"
+        ));
+    }
+}
+
+#[test]
+fn split_dumps_end_wherever_the_table_ends() {
+    let db = TestDb::new();
+    let hosts: Vec<(u64, spin_bulk_host::Host)> = [2u64, 3]
+        .into_iter()
+        .map(|k| {
+            let parts = k.to_string();
+            (
+                k,
+                serve(&db, &[("page_bytes", "4096"), ("dump_parallel", &parts)]),
+            )
+        })
+        .collect();
+    let n = 16;
+    // The end inside and at the edge of each instance's pages, and just after the first page.
+    let mut counts = vec![257, 256 + n - 1, 256 + n, 256 + n + 1];
+    for pages in 2..=7 {
+        counts.extend([256 + pages * n - 1, 256 + pages * n, 256 + pages * n + 1]);
+    }
+    for count in counts {
+        fill_uniform(&db, count);
+        for (k, host) in &hosts {
+            let before = dump_instances(host);
+            let (_, lines) = dump_every_patient(host, &db, &format!("{count} rows, {k} parts"));
+            assert_eq!(lines.len(), count);
+            // The main instance and k - 1 helpers answered.
+            assert_eq!(dump_instances(host) - before, *k as usize, "{count} rows");
+        }
+    }
+}
+
+#[test]
+fn split_dumps_are_byte_identical_to_dumps_alone() {
+    let db = TestDb::new();
+    // Sizes that vary and jump (rows over a page's size limit are read alone, in the helpers
+    // too), awkward ids, a stored meta, timestamps spread for _since/_until.
+    db.exec(
+        r#"INSERT INTO patient (id, txid, status, resource, ts, cts)
+           SELECT CASE WHEN g % 97 = 0 THEN 'q"\' || g || 'é' ELSE 'p' || lpad(g::text, 5, '0') END,
+                  g, 'created',
+                  CASE WHEN g % 53 = 0 THEN jsonb_build_object('big', repeat('z', 20000), 'n', g)
+                       WHEN g % 31 = 0 THEN jsonb_build_object('n', g, 'meta', jsonb_build_object('tag', jsonb_build_array(jsonb_build_object('code', 't'))))
+                       ELSE jsonb_build_object('n', g, 'v', 1.50, 'pad', repeat('x', g % 300)) END,
+                  timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute',
+                  timestamptz '2023-01-01 00:00:00+00'
+           FROM generate_series(1, 3000) g"#,
+    );
+    let alone = serve(&db, &[("page_bytes", "8192"), ("dump_parallel", "1")]);
+    let split2 = serve(&db, &[("page_bytes", "8192"), ("dump_parallel", "2")]);
+    let split4 = serve(&db, &[("page_bytes", "8192"), ("dump_parallel", "4")]);
+    for query in [
+        "",
+        "?fhir=true",
+        "?_since=2024-01-01T10:00:00Z&_until=2024-01-02T20:00:00Z",
+        "?_after=p00400&_upto=p02900",
+        "?gzip=true",
+    ] {
+        let path = format!("/Patient/$dump{query}");
+        let expected = get(&alone, &path);
+        assert_eq!(expected.exit, 0);
+        assert!(expected.body.len() > 50_000, "{query}");
+        for host in [&split2, &split4] {
+            let r = get(host, &path);
+            assert_eq!(r.exit, 0, "{query}: {}", r.stderr);
+            if query == "?gzip=true" {
+                assert_eq!(gunzip(&r.body), gunzip(&expected.body));
+            } else {
+                assert_eq!(r.body, expected.body, "{query}");
+            }
+        }
+    }
+    assert_eq!(dump_instances(&alone), 5);
+    assert_eq!(dump_instances(&split2), 10);
+    assert_eq!(dump_instances(&split4), 20);
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn without_self_requests_a_dump_goes_on_alone() {
+    let db = TestDb::new();
+    fill_uniform(&db, 2000);
+    let host = serve_without_self_requests(&db, &[("page_bytes", "4096")]);
+    let (_, lines) = dump_every_patient(&host, &db, "no self requests");
+    assert_eq!(lines.len(), 2000);
+    assert_eq!(dump_instances(&host), 1);
+}
+
+#[test]
+fn a_helper_failing_mid_stream_aborts_the_transfer() {
+    let db = TestDb::new();
+    db.exec(SEED);
+    let host = serve(&db, &[("page_bytes", "16384")]);
+    let url = format!("{}/Patient/$dump", host.url());
+    let child = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-u",
+            ADMIN,
+            "--limit-rate",
+            "200k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut admin = postgres::Client::connect(&database_url(), postgres::NoTls).unwrap();
+    // The helper's transaction starts after the main instance's (which exports the snapshot
+    // first): kill only the later one, once both are there.
+    let mut killed = 0;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        killed = admin
+            .query_one(
+                "WITH dump AS (SELECT pid, xact_start FROM pg_stat_activity
+                               WHERE datname = $1 AND pid <> pg_backend_pid()
+                                 AND xact_start IS NOT NULL)
+                 SELECT count(pg_terminate_backend(pid)) FROM
+                   (SELECT pid FROM dump WHERE (SELECT count(*) FROM dump) = 2
+                    ORDER BY xact_start DESC LIMIT 1) helper",
+                &[&db.name],
+            )
+            .unwrap()
+            .get::<_, i64>(0);
+        if killed > 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        killed, 1,
+        "never saw the main instance's and the helper's transactions"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(
+        out.status.code(),
+        Some(18),
+        "curl must see an incomplete transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The main instance ended its transaction: nothing is left idle in one.
+    let mut idle = -1;
+    for _ in 0..100 {
+        idle = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND xact_start IS NOT NULL
+                 AND pid <> pg_backend_pid()",
+                &[&db.name],
+            )
+            .unwrap()
+            .get::<_, i64>(0);
+        if idle == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(idle, 0, "a transaction was left open");
 }

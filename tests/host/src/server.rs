@@ -75,7 +75,11 @@ impl WasiHttpHooks for OutboundHttp {
             > + Send,
     > {
         let mut request = request;
-        if request.uri().host().is_none_or(|h| h.is_empty() || h == "self.alt") {
+        if request
+            .uri()
+            .host()
+            .is_none_or(|h| h.is_empty() || h == "self.alt")
+        {
             if !self.pg.allowed.allows_self() {
                 return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
             }
@@ -87,7 +91,9 @@ impl WasiHttpHooks for OutboundHttp {
             match format!("http://{}{path}", self.listen).parse() {
                 Ok(uri) => *request.uri_mut() = uri,
                 Err(_) => {
-                    return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestUriInvalid) })
+                    return Box::new(async {
+                        Err(wasmtime_wasi_http::Error::HttpRequestUriInvalid)
+                    })
                 }
             }
             if let Ok(host) = HeaderValue::from_str(&self.listen.to_string()) {
