@@ -204,4 +204,21 @@ mod tests {
         assert!(AllowedHosts::parse(&["127.0.0.1:5432"]).is_err());
         assert!(AllowedHosts::parse(&["*://host"]).is_err());
     }
+
+    #[test]
+    fn self_requests_need_http_self() {
+        assert!(AllowedHosts::parse(&["http://self"]).unwrap().allows_self());
+        assert!(AllowedHosts::parse(&["https://self"])
+            .unwrap()
+            .allows_self());
+        assert!(AllowedHosts::parse(&["*://*:*"]).unwrap().allows_self());
+        assert!(!AllowedHosts::parse(&["postgres://self"])
+            .unwrap()
+            .allows_self());
+        assert!(
+            !AllowedHosts::parse(&["postgres://127.0.0.1:5432", "https://load.invalid"])
+                .unwrap()
+                .allows_self()
+        );
+    }
 }
