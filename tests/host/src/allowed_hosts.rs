@@ -77,9 +77,9 @@ impl AllowedHosts {
 }
 
 impl AllowedHosts {
-    /// Whether requests to the application itself may be made (Spin's `check_relative_url`):
-    /// an entry for the host `self` (e.g. `http://self`), or one for any host, with the scheme
-    /// http, https or `*`.
+    /// Whether requests to the application itself may be made (Spin's `allows_relative_url`):
+    /// an entry for the host `self` or `self.alt` (e.g. `http://self`), or one for any host,
+    /// with the scheme http, https or `*`.
     pub fn allows_self(&self) -> bool {
         self.entries.iter().any(|e| {
             e.scheme
@@ -87,7 +87,7 @@ impl AllowedHosts {
                 .is_none_or(|s| s == "http" || s == "https")
                 && match &e.host {
                     HostPattern::Any => true,
-                    HostPattern::Exact(h) => h == "self",
+                    HostPattern::Exact(h) => h == "self" || h == "self.alt",
                     _ => false,
                 }
         })
