@@ -672,7 +672,7 @@ fn split_dumps_end_wherever_the_table_ends() {
         .collect();
     let n = 16;
     // The end inside and at the edge of each instance's pages, and just after the first page.
-    let mut counts = vec![257, 256 + n - 1, 256 + n, 256 + n + 1];
+    let mut counts = vec![256, 257, 256 + n - 1, 256 + n, 256 + n + 1];
     for pages in 2..=7 {
         counts.extend([256 + pages * n - 1, 256 + pages * n, 256 + pages * n + 1]);
     }
