@@ -417,8 +417,24 @@ impl<C: Db> Pager<C> {
     /// Moves the cursor `rows` rows on without reading them (the pages another instance of a
     /// split dump renders). `false` when fewer rows are left: the end is in those pages.
     pub(crate) fn skip(&mut self, rows: u64) -> Result<bool, PageError> {
+        match self.nth_next_id(rows)? {
+            Some(id) => {
+                self.cursor = Some(id);
+                Ok(true)
+            }
+            None => Ok(rows == 0),
+        }
+    }
+
+    /// Whether at least `rows` rows are left after the cursor (which stays where it is).
+    pub(crate) fn has_rows_left(&mut self, rows: u64) -> Result<bool, PageError> {
+        Ok(rows == 0 || self.nth_next_id(rows)?.is_some())
+    }
+
+    /// The id `rows` rows after the cursor (`None` for 0 rows, or when fewer are left).
+    fn nth_next_id(&mut self, rows: u64) -> Result<Option<String>, PageError> {
         if rows == 0 {
-            return Ok(true);
+            return Ok(None);
         }
         let (sql, cursor) = self.position(&self.skip_first_sql, &self.skip_next_sql);
         let mut params = vec![Param::Int((rows - 1) as i64)];
@@ -426,11 +442,8 @@ impl<C: Db> Pager<C> {
         let sql = sql.to_string();
         let rows = self.conn.query(&sql, params).map_err(PageError::Db)?.rows;
         match rows.into_iter().next().and_then(|r| r.into_iter().next()) {
-            Some(Value::Str(id)) => {
-                self.cursor = Some(id);
-                Ok(true)
-            }
-            None => Ok(false),
+            Some(Value::Str(id)) => Ok(Some(id)),
+            None => Ok(None),
             Some(other) => Err(PageError::Shape(format!(
                 "the skip query returned {other:?}"
             ))),

@@ -306,9 +306,16 @@ impl<C: Db> MainPages<C> {
     }
 
     /// Exports the snapshot and starts the helpers; `None` (dump alone) when any of that fails.
-    fn start_split(&mut self, fanout: &Fanout) -> Option<Split> {
+    fn start_split(&mut self, fanout: &Fanout) -> Result<Option<Split>, PageError> {
         let rows = self.pager.steady_limit();
-        let after = self.pager.cursor()?.to_string();
+        let Some(after) = self.pager.cursor().map(str::to_string) else {
+            return Ok(None);
+        };
+        // Less than two more pages: not worth a helper (a self request, a connection, a
+        // snapshot: ~4 ms on a small table).
+        if !self.pager.has_rows_left(2 * rows)? {
+            return Ok(None);
+        }
         let snapshot = match self.pager.export_snapshot() {
             Ok(s) => s,
             Err(e) => {
@@ -317,7 +324,7 @@ impl<C: Db> MainPages<C> {
                     e.message()
                 );
                 self.pager.rollback();
-                return None;
+                return Ok(None);
             }
         };
         let q = &self.pager.q;
@@ -345,7 +352,7 @@ impl<C: Db> MainPages<C> {
                 Ok(p) => pending.push(p),
                 Err(e) => {
                     eprintln!("spin-bulk: $dump continues alone: self request failed: {e}");
-                    return None;
+                    return Ok(None);
                 }
             }
         }
@@ -358,21 +365,21 @@ impl<C: Db> MainPages<C> {
                         "spin-bulk: $dump continues alone: a helper answered {}",
                         r.status
                     );
-                    return None;
+                    return Ok(None);
                 }
                 Err(e) => {
                     eprintln!("spin-bulk: $dump continues alone: self request failed: {e}");
-                    return None;
+                    return Ok(None);
                 }
             }
         }
-        Some(Split {
+        Ok(Some(Split {
             walk: Walk::new(fanout.parts, fanout.parts, rows),
             helpers,
             next: 1,
             ahead: None,
             spare: Vec::new(),
-        })
+        }))
     }
 
     fn split_page(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
@@ -434,8 +441,16 @@ impl<C: Db> Pages for MainPages<C> {
             let Mode::Start(fanout) = std::mem::replace(&mut self.mode, Mode::Serial) else {
                 unreachable!()
             };
-            if let Some(split) = self.start_split(&fanout) {
-                self.mode = Mode::Split(split);
+            match self.start_split(&fanout) {
+                Ok(Some(split)) => self.mode = Mode::Split(split),
+                Ok(None) => {}
+                Err(e) => {
+                    let name = &self.pager.q.type_name;
+                    return Err(format!(
+                        "$dump of {name} failed mid-stream: {}",
+                        e.message()
+                    ));
+                }
             }
         }
         let result = match self.mode {
