@@ -77,9 +77,9 @@ use crate::db::{quote_ident, table_exists, Db, DbError, Param, Value};
 use crate::dump::{self, DumpQuery};
 use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
+use crate::params::encode;
 use crate::params::{self, Params};
 use crate::route::{table_name, valid_type_name};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
@@ -693,16 +693,6 @@ fn ranges(bounds: &[String]) -> Vec<(Option<&str>, Option<&str>)> {
     }
     out.push((after, None));
     out
-}
-
-/// Percent-encodes a URL query value or path segment (ids may hold `+`, `&`, `/`, …).
-fn encode(s: &str) -> String {
-    const SET: &AsciiSet = &NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
-    utf8_percent_encode(s, SET).to_string()
 }
 
 // ---------------------------------------------------------------------------------------------

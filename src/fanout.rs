@@ -31,7 +31,7 @@ use crate::db::{Db, PendingResponse, SelfRequest};
 use crate::dump::{PageError, Pager};
 use crate::http::BodyReader;
 use crate::output::Pages;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use crate::params::encode;
 
 /// The media type of a helper's answer.
 pub const FRAMES_TYPE: &str = "application/x-spin-bulk-frames";
@@ -51,16 +51,6 @@ pub struct Fanout {
     pub authorization: String,
     /// How many instances share the dump (`dump_parallel`), the main one included.
     pub parts: u64,
-}
-
-/// Percent-encodes a query value (ids may hold `+`, `&`, `/`, …).
-pub fn encode(s: &str) -> String {
-    const SET: &AsciiSet = &NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
-    utf8_percent_encode(s, SET).to_string()
 }
 
 /// One instance's walk over the pages after the first: skip the others' pages, render its

@@ -2,7 +2,7 @@
 //! shapes the API accepts (instants, counts, booleans).
 
 use crate::outcome::ApiError;
-use percent_encoding::percent_decode_str;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// The decoded parameters of one request, consumed by name; whatever is left over is unknown.
 pub struct Params {
@@ -91,6 +91,16 @@ impl Params {
             }
         }
     }
+}
+
+/// Percent-encodes a URL query value or path segment (ids may hold `+`, `&`, `/`, …).
+pub fn encode(s: &str) -> String {
+    const SET: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    utf8_percent_encode(s, SET).to_string()
 }
 
 pub fn invalid(name: &str, value: &str, why: &str) -> ApiError {
