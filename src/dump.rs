@@ -16,6 +16,9 @@
 //! The first page is read before the response starts, so a missing table (404), an
 //! unreachable database (503) or a bad filter still get a real status; after that, a failure
 //! aborts the body.
+//!
+//! A dump with at least two more pages after its first is shared with helper instances under
+//! one snapshot ([`crate::fanout`]); this module's [`Pager`] is the walk every instance runs.
 
 use crate::config::Config;
 use crate::db::{quote_ident, Db, Param, Value};
