@@ -8,24 +8,24 @@
 //! leader merging). Measured on 1M realistic patients: two `$dump` ranges at once reach
 //! `COPY`'s time; one serial `$dump` takes 1.65–1.83x.
 //!
-//! How: after the first page (read before the response starts, as in a serial dump), the
-//! instance that took the request (the *main* one) opens a `REPEATABLE READ` transaction,
-//! exports its snapshot, and sends `parts - 1` requests to this same application (Spin's self
-//! requests: a relative URL, allowed by `http://self` in `allowed_outbound_hosts`), each
-//! answered by a fresh instance (a *helper*) that imports the snapshot. The rest of the table
-//! is cut into pages of a fixed number of rows, numbered from 1; page `j` belongs to instance
-//! `j mod parts` (the main one has 0). Every instance walks the same page boundaries: it
-//! renders its own pages and steps over the others' with an index-only `OFFSET` query — under
-//! one snapshot, all instances see the same rows, so the boundaries agree exactly. A helper
-//! answers its pages as frames; the main instance writes pages to the client in order, its own
-//! and the helpers', rendering its next page before it waits for a helper's, so the backends
-//! work at the same time. Memory stays flat: a helper can run at most a page ahead before its
-//! writes block.
+//! How: after the first page (read before the response starts, as in a serial dump), when at
+//! least two more pages follow, the instance that took the request (the *main* one) opens a
+//! `REPEATABLE READ` transaction, exports its snapshot, and sends `parts - 1` requests to this
+//! same application (Spin's self requests: a relative URL, allowed by `http://self` in
+//! `allowed_outbound_hosts`), each answered by a fresh instance (a *helper*) that imports the
+//! snapshot. The rest of the table is cut into pages of a fixed number of rows, numbered from
+//! 1; page `j` belongs to instance `j mod parts` (the main one has 0). Every instance walks the
+//! same page boundaries: it renders its own pages and steps over the others' with an
+//! index-only `OFFSET` query — under one snapshot, all instances see the same rows, so the
+//! boundaries agree exactly. A helper answers its pages as frames; the main instance writes
+//! pages to the client in order, its own and the helpers', rendering its next page before it
+//! waits for a helper's, so the backends work at the same time. Memory stays flat: a helper
+//! can run at most a page ahead before its writes block.
 //!
-//! Failure: a helper that cannot start (self requests not allowed, `parts = 1`, any error
-//! status) leaves the main instance dumping alone from where it is. A helper failing mid-stream
-//! ends its frames without the end marker, and the main instance aborts its own body. At the
-//! end, every helper must say it has nothing more (its end marker), or the dump fails.
+//! Failure: a helper that cannot start (self requests not allowed, any error status) leaves
+//! the main instance dumping alone from where it is. A helper failing mid-stream ends its
+//! frames without the end marker, and the main instance aborts its own body. At the end, every
+//! helper must say it has nothing more (its end marker), or the dump fails.
 
 use crate::db::{Db, PendingResponse, SelfRequest};
 use crate::dump::{PageError, Pager};
