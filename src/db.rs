@@ -227,6 +227,58 @@ pub struct Fetched {
     pub body: Box<dyn crate::http::BodyReader>,
 }
 
+/// A connection that may be inside a read-only transaction (`$dump-sql`'s, a split `$dump`'s
+/// snapshot), rolled back when dropped still open — so a connection never goes back to Spin's
+/// pool inside a transaction. A read-only transaction always ends with `ROLLBACK`: it has
+/// nothing to keep, and a query can do things a read-only transaction lets through
+/// (`lo_creat` writes a large object, a `set_config(…, false)` changes the session) that a
+/// `COMMIT` would make last.
+pub struct ReadTx<C: Db> {
+    pub conn: C,
+    open: bool,
+}
+
+impl<C: Db> ReadTx<C> {
+    /// The connection, no transaction yet.
+    pub fn new(conn: C) -> ReadTx<C> {
+        ReadTx { conn, open: false }
+    }
+
+    /// Begins the transaction with `statement` (a `BEGIN … READ ONLY`).
+    pub fn begin(&mut self, statement: &str) -> Result<(), DbError> {
+        self.conn.execute(statement, Vec::new())?;
+        self.open = true;
+        Ok(())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Ends the transaction, if open, after its last page; a failure here fails the stream.
+    pub fn end(&mut self) -> Result<(), DbError> {
+        if std::mem::take(&mut self.open) {
+            self.conn.execute("ROLLBACK", Vec::new())?;
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction, if open, after a failure: best effort.
+    pub fn rollback(&mut self) {
+        if std::mem::take(&mut self.open) {
+            // If even this fails the connection is broken, and Spin's pool drops broken
+            // connections instead of reusing them.
+            let _ = self.conn.execute("ROLLBACK", Vec::new());
+        }
+    }
+}
+
+impl<C: Db> Drop for ReadTx<C> {
+    fn drop(&mut self) {
+        self.rollback();
+    }
+}
+
 /// Quotes an identifier for SQL. Callers only pass names already validated by
 /// [`crate::route::valid_type_name`], so this is belt and braces.
 pub fn quote_ident(name: &str) -> String {

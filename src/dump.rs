@@ -21,7 +21,7 @@
 //! one snapshot ([`crate::fanout`]); this module's [`Pager`] is the walk every instance runs.
 
 use crate::config::Config;
-use crate::db::{quote_ident, Db, Param, Value};
+use crate::db::{quote_ident, Db, Param, ReadTx, Value};
 use crate::encode::{resource_text_sql, LineEncoder};
 use crate::fanout::{Fanout, HelperPages, MainPages, FRAMES_TYPE};
 use crate::http::{Reply, Request};
@@ -259,7 +259,8 @@ fn page_sql(q: &DumpQuery, cursor: Cursor) -> String {
 /// The page loop's state, kept between queries. Also the walk of a split dump's instances
 /// ([`crate::fanout`]): [`Pager::render`] a page of a given size, [`Pager::skip`] past others'.
 pub(crate) struct Pager<C: Db> {
-    conn: C,
+    /// In a transaction only in a split dump (its snapshot).
+    tx: ReadTx<C>,
     first_sql: String,
     next_sql: String,
     single_sql: String,
@@ -273,14 +274,12 @@ pub(crate) struct Pager<C: Db> {
     rows_seen: u64,
     bytes_seen: u64,
     done: bool,
-    /// Inside a transaction (a split dump's snapshot), ended by `finish` or `abort`.
-    in_tx: bool,
 }
 
 impl<C: Db> Pager<C> {
     fn new(conn: C, q: DumpQuery, budget: u64) -> Pager<C> {
         Pager {
-            conn,
+            tx: ReadTx::new(conn),
             first_sql: page_sql(&q, Cursor::Start),
             next_sql: page_sql(&q, Cursor::After),
             single_sql: page_sql(&q, Cursor::Exactly),
@@ -293,7 +292,6 @@ impl<C: Db> Pager<C> {
             rows_seen: 0,
             bytes_seen: 0,
             done: false,
-            in_tx: false,
             q,
         }
     }
@@ -374,13 +372,13 @@ impl<C: Db> Pager<C> {
         let (sql, cursor) = self.position(&self.first_sql, &self.next_sql);
         let params = self.params(limit, size_limit(self.budget, limit), cursor);
         let sql = sql.to_string();
-        let (text, window_rows) = Self::query(&mut self.conn, &sql, params)?;
+        let (text, window_rows) = Self::query(&mut self.tx.conn, &sql, params)?;
         let Some(text) = text else {
             return Ok(0);
         };
         // Rows left out for their size are read alone (no size limit), at their place.
         let single_params = self.params(1, u64::MAX, None);
-        let (encoder, conn, single_sql) = (&self.encoder, &mut self.conn, &self.single_sql);
+        let (encoder, conn, single_sql) = (&self.encoder, &mut self.tx.conn, &self.single_sql);
         let mut db_error = None;
         let mut left_out_bytes = 0;
         let page = encoder.push_page(buf, &text, |out, id| {
@@ -443,7 +441,12 @@ impl<C: Db> Pager<C> {
         let mut params = vec![Param::Int((rows - 1) as i64)];
         self.filter_params(&mut params, cursor);
         let sql = sql.to_string();
-        let rows = self.conn.query(&sql, params).map_err(PageError::Db)?.rows;
+        let rows = self
+            .tx
+            .conn
+            .query(&sql, params)
+            .map_err(PageError::Db)?
+            .rows;
         match rows.into_iter().next().and_then(|r| r.into_iter().next()) {
             Some(Value::Str(id)) => Ok(Some(id)),
             None => Ok(None),
@@ -472,6 +475,7 @@ impl<C: Db> Pager<C> {
     pub(crate) fn export_snapshot(&mut self) -> Result<String, PageError> {
         self.begin()?;
         let rows = self
+            .tx
             .conn
             .query("SELECT pg_catalog.pg_export_snapshot()", Vec::new())
             .map_err(PageError::Db)?
@@ -489,39 +493,27 @@ impl<C: Db> Pager<C> {
         self.begin()?;
         // The name was checked to be hex digits and dashes (`Part::parse`): the statement
         // takes no parameters.
-        self.conn
+        self.tx
+            .conn
             .execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"), Vec::new())
             .map_err(PageError::Db)?;
         Ok(())
     }
 
     fn begin(&mut self) -> Result<(), PageError> {
-        self.conn
-            .execute(
-                "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-                Vec::new(),
-            )
-            .map_err(PageError::Db)?;
-        self.in_tx = true;
-        Ok(())
+        self.tx
+            .begin("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .map_err(PageError::Db)
     }
 
     /// Ends the transaction, if any, after the last page.
     pub(crate) fn end(&mut self) -> Result<(), PageError> {
-        if std::mem::take(&mut self.in_tx) {
-            self.conn
-                .execute("COMMIT", Vec::new())
-                .map_err(PageError::Db)?;
-        }
-        Ok(())
+        self.tx.end().map_err(PageError::Db)
     }
 
-    /// Ends the transaction, if any, after a failure (best effort: a broken connection is
-    /// dropped by Spin's pool).
+    /// Ends the transaction, if any, after a failure (best effort).
     pub(crate) fn rollback(&mut self) {
-        if std::mem::take(&mut self.in_tx) {
-            let _ = self.conn.execute("ROLLBACK", Vec::new());
-        }
+        self.tx.rollback();
     }
 }
 
@@ -561,7 +553,16 @@ pub fn start<C: Db + 'static>(
     let type_name = q.type_name.clone();
     let mut pager = Pager::new(conn, q, cfg.page_bytes);
     if pager.q.part.is_some() {
-        let pages = HelperPages::start(pager).map_err(|e| e.into_api(&type_name))?;
+        let snapshot = pager.q.part.as_ref().map(|p| p.snapshot.clone());
+        let pages = HelperPages::start(pager).map_err(|e| match e {
+            // 22023: no snapshot of that name (its transaction has ended, or never was).
+            PageError::Db(db) if db.sqlstate() == Some("22023") => invalid(
+                "_snapshot",
+                snapshot.as_deref().unwrap_or_default(),
+                &format!("cannot read under it: {}", db.message()),
+            ),
+            e => e.into_api(&type_name),
+        })?;
         return Ok(PagedBody::reply(pages, Vec::new(), FRAMES_TYPE, false));
     }
     let mut first = Vec::new();

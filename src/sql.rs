@@ -45,7 +45,7 @@
 //! transaction (its "Clean" recycling does not roll back).
 
 use crate::config::Config;
-use crate::db::{Db, DbError, Param, Rows, Value};
+use crate::db::{Db, DbError, Param, ReadTx, Rows, Value};
 use crate::http::{read_body, Reply, Request};
 use crate::outcome::ApiError;
 use crate::output::{PagedBody, Pages};
@@ -714,45 +714,8 @@ impl Sizer {
     }
 }
 
-/// The connection inside `$dump-sql`'s read-only transaction; rolls back when dropped still
-/// open. The transaction always ends with `ROLLBACK`: it has nothing to keep, and a query can
-/// do things a read-only transaction lets through (`lo_creat` writes a large object, a
-/// `set_config(…, false)` changes the session) that a `COMMIT` would make last.
-struct Tx<C: Db> {
-    conn: C,
-    open: bool,
-}
-
-impl<C: Db> Tx<C> {
-    fn begin_read_only(mut conn: C) -> Result<Tx<C>, DbError> {
-        conn.execute("BEGIN TRANSACTION READ ONLY", Vec::new())?;
-        Ok(Tx { conn, open: true })
-    }
-
-    /// Ends the transaction after its last page; a failure here fails the stream.
-    fn end(&mut self) -> Result<(), DbError> {
-        self.open = false;
-        self.conn.execute("ROLLBACK", Vec::new()).map(drop)
-    }
-
-    /// Ends the transaction after a failure, best effort.
-    fn rollback(&mut self) {
-        if std::mem::take(&mut self.open) {
-            // If even this fails the connection is broken, and Spin's pool drops broken
-            // connections instead of reusing them.
-            let _ = self.conn.execute("ROLLBACK", Vec::new());
-        }
-    }
-}
-
-impl<C: Db> Drop for Tx<C> {
-    fn drop(&mut self) {
-        self.rollback();
-    }
-}
-
 struct Pager<C: Db> {
-    tx: Tx<C>,
+    tx: ReadTx<C>,
     format: Format,
     shape: RowText,
     ncols: usize,
@@ -878,7 +841,9 @@ pub fn dump_sql<C: Db + 'static>(
     let body = parse_body(req, false)?;
     let stmt = scan(&body.query, &body.params)?;
 
-    let mut tx = Tx::begin_read_only(conn).map_err(DbError::into_api)?;
+    let mut tx = ReadTx::new(conn);
+    tx.begin("BEGIN TRANSACTION READ ONLY")
+        .map_err(DbError::into_api)?;
     let work_mem = tx
         .conn
         .query(
@@ -1000,7 +965,7 @@ impl<C: Db> Pages for Pager<C> {
     }
 
     fn finish(&mut self) -> Result<(), String> {
-        if self.tx.open {
+        if self.tx.is_open() {
             self.tx
                 .end()
                 .map_err(|e| format!("$dump-sql: ending the transaction failed: {e}"))?;

@@ -744,6 +744,28 @@ fn gunzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn a_helper_request_under_an_unknown_snapshot_is_400_and_leaves_no_transaction() {
+    let db = TestDb::new();
+    fill_uniform(&db, 10);
+    let host = serve(&db, &[]);
+    let r = get(
+        &host,
+        "/Patient/$dump?_after=u000001&_part=1/2&_pages=10&_snapshot=00000003-0000001B-1",
+    );
+    assert!(outcome(&r, 400).contains("_snapshot"));
+    let open: i64 = db
+        .client()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "the helper's transaction was left open");
+}
+
+#[test]
 fn without_self_requests_a_dump_goes_on_alone() {
     let db = TestDb::new();
     fill_uniform(&db, 2000);
