@@ -494,15 +494,18 @@ fn synthea_sample_round_trips_per_type() {
     assert_eq!(total, 17_876);
 }
 
-/// A connection killed mid-stream must look like a failure to the client (curl exit 18:
-/// "transfer closed with outstanding read data"), never like a complete dump.
-#[test]
-fn backend_terminated_mid_stream_aborts_the_transfer() {
+/// Seeds 100K rows, starts a slow reader (`--limit-rate 200k`, so the dump runs long enough)
+/// of the whole `$dump` with small pages, and runs `kill_sql` (`$1` = the database name; it
+/// terminates backends and returns how many) every 50 ms until it kills one. Asserts that the
+/// client saw a 200 and then an incomplete transfer (curl exit 18: "transfer closed with
+/// outstanding read data"), never a complete dump. Returns the database, the host (still
+/// serving, so that its pooled connections can be checked), how many `kill_sql` killed, and a
+/// connection to the database's cluster.
+fn kill_mid_stream(kill_sql: &str) -> (TestDb, spin_bulk_host::Host, i64, postgres::Client) {
     let db = TestDb::new();
     db.exec(SEED);
     let host = serve(&db, &[("page_bytes", "16384")]);
     let url = format!("{}/Patient/$dump", host.url());
-    // A slow reader keeps the dump going long enough to kill its connection.
     let child = std::process::Command::new("curl")
         .args([
             "-sS",
@@ -520,32 +523,41 @@ fn backend_terminated_mid_stream_aborts_the_transfer() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let admin = postgres::Client::connect(&database_url(), postgres::NoTls).unwrap();
-    let mut admin = admin;
+    let mut admin = postgres::Client::connect(&database_url(), postgres::NoTls).unwrap();
     let mut killed = 0;
     for _ in 0..200 {
         std::thread::sleep(std::time::Duration::from_millis(50));
         killed = admin
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE datname = $1 AND query LIKE '%string_agg(octet_length(id)%' AND pid <> pg_backend_pid()",
-                &[&db.name],
-            )
+            .query_one(kill_sql, &[&db.name])
             .unwrap()
             .get::<_, i64>(0);
         if killed > 0 {
             break;
         }
     }
-    assert!(killed > 0, "never saw the dump's connection");
     let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
-    assert_eq!(
-        out.status.code(),
-        Some(18),
-        "curl must see an incomplete transfer: {}",
-        String::from_utf8_lossy(&out.stderr)
+    if killed > 0 {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+        assert_eq!(
+            out.status.code(),
+            Some(18),
+            "curl must see an incomplete transfer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (db, host, killed, admin)
+}
+
+/// A connection killed mid-stream must look like a failure to the client, never like a
+/// complete dump.
+#[test]
+fn backend_terminated_mid_stream_aborts_the_transfer() {
+    let (_db, _host, killed, _) = kill_mid_stream(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = $1 AND query LIKE '%string_agg(octet_length(id)%'
+           AND pid <> pg_backend_pid()",
     );
+    assert!(killed > 0, "never saw the dump's connection");
 }
 
 #[test]
@@ -777,60 +789,19 @@ fn without_self_requests_a_dump_goes_on_alone() {
 
 #[test]
 fn a_helper_failing_mid_stream_aborts_the_transfer() {
-    let db = TestDb::new();
-    db.exec(SEED);
-    let host = serve(&db, &[("page_bytes", "16384")]);
-    let url = format!("{}/Patient/$dump", host.url());
-    let child = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-u",
-            ADMIN,
-            "--limit-rate",
-            "200k",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &url,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut admin = postgres::Client::connect(&database_url(), postgres::NoTls).unwrap();
     // The helper's transaction starts after the main instance's (which exports the snapshot
     // first): kill only the later one, once both are there.
-    let mut killed = 0;
-    for _ in 0..200 {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        killed = admin
-            .query_one(
-                "WITH dump AS (SELECT pid, xact_start FROM pg_stat_activity
-                               WHERE datname = $1 AND pid <> pg_backend_pid()
-                                 AND xact_start IS NOT NULL)
-                 SELECT count(pg_terminate_backend(pid)) FROM
-                   (SELECT pid FROM dump WHERE (SELECT count(*) FROM dump) = 2
-                    ORDER BY xact_start DESC LIMIT 1) helper",
-                &[&db.name],
-            )
-            .unwrap()
-            .get::<_, i64>(0);
-        if killed > 0 {
-            break;
-        }
-    }
+    let (db, _host, killed, mut admin) = kill_mid_stream(
+        "WITH dump AS (SELECT pid, xact_start FROM pg_stat_activity
+                       WHERE datname = $1 AND pid <> pg_backend_pid()
+                         AND xact_start IS NOT NULL)
+         SELECT count(pg_terminate_backend(pid)) FROM
+           (SELECT pid FROM dump WHERE (SELECT count(*) FROM dump) = 2
+            ORDER BY xact_start DESC LIMIT 1) helper",
+    );
     assert_eq!(
         killed, 1,
         "never saw the main instance's and the helper's transactions"
-    );
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
-    assert_eq!(
-        out.status.code(),
-        Some(18),
-        "curl must see an incomplete transfer: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
     // The main instance ended its transaction: nothing is left idle in one.
     let mut idle = -1;
