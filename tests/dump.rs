@@ -636,15 +636,21 @@ fn serve_without_self_requests(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_
     assert!(manifest.contains(r#", "http://self""#));
     let path = std::env::temp_dir().join(format!("spin-bulk-noself-{}.toml", db.name));
     std::fs::write(&path, manifest.replace(r#", "http://self""#, "")).unwrap();
-    let mut cfg = spin_bulk_host::HostConfig::new(wasm_path(), path);
-    cfg.variables.insert("db_url".into(), db.url.clone());
-    cfg.variables.insert("db_host".into(), host_port(&db.url));
-    cfg.variables
-        .insert("admin_secret".into(), "test-admin-secret".into());
-    for (k, v) in vars {
-        cfg.variables.insert((*k).to_string(), (*v).to_string());
-    }
-    spin_bulk_host::Host::start(cfg).unwrap()
+    let mut vars = vars.to_vec();
+    vars.push(("admin_secret", "test-admin-secret"));
+    start_with_manifest(db, &path, &vars)
+}
+
+/// Transactions open on the database, other than the asking connection's.
+fn open_transactions(client: &mut postgres::Client, db: &TestDb) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND xact_start IS NOT NULL
+             AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .unwrap()
+        .get(0)
 }
 
 /// How many instances answered `$dump` requests so far (the main ones and their helpers).
@@ -765,16 +771,11 @@ fn a_helper_request_under_an_unknown_snapshot_is_400_and_leaves_no_transaction()
         "/Patient/$dump?_after=u000001&_part=1/2&_pages=10&_snapshot=00000003-0000001B-1",
     );
     assert!(outcome(&r, 400).contains("_snapshot"));
-    let open: i64 = db
-        .client()
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-             AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(open, 0, "the helper's transaction was left open");
+    assert_eq!(
+        open_transactions(&mut db.client(), &db),
+        0,
+        "the helper's transaction was left open"
+    );
 }
 
 #[test]
@@ -806,14 +807,7 @@ fn a_helper_failing_mid_stream_aborts_the_transfer() {
     // The main instance ended its transaction: nothing is left idle in one.
     let mut idle = -1;
     for _ in 0..100 {
-        idle = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND xact_start IS NOT NULL
-                 AND pid <> pg_backend_pid()",
-                &[&db.name],
-            )
-            .unwrap()
-            .get::<_, i64>(0);
+        idle = open_transactions(&mut admin, &db);
         if idle == 0 {
             break;
         }

@@ -235,7 +235,16 @@ pub fn wasm_path() -> PathBuf {
 /// SPIN_VARIABLE_DB_URL / SPIN_VARIABLE_DB_HOST would be; `vars` adds or overrides variables
 /// (e.g. `[("page_bytes", "1024"), ("admin_secret", "s3cret")]`).
 pub fn start(db: &TestDb, vars: &[(&str, &str)]) -> spin_bulk_host::Host {
-    let mut cfg = spin_bulk_host::HostConfig::new(wasm_path(), repo_root().join("spin.toml"));
+    start_with_manifest(db, &repo_root().join("spin.toml"), vars)
+}
+
+/// [`start`] with another manifest than the repository's `spin.toml`.
+pub fn start_with_manifest(
+    db: &TestDb,
+    manifest: &std::path::Path,
+    vars: &[(&str, &str)],
+) -> spin_bulk_host::Host {
+    let mut cfg = spin_bulk_host::HostConfig::new(wasm_path(), manifest.to_path_buf());
     cfg.variables.insert("db_url".to_string(), db.url.clone());
     cfg.variables
         .insert("db_host".to_string(), host_port(&db.url));
