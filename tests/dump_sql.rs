@@ -308,6 +308,26 @@ fn trailing_semicolon_and_comments_are_one_statement() {
     assert_eq!(r.text(), "1\n");
 }
 
+/// A cursor is planned for its first 10% of rows by default (fast-start plans: an index scan
+/// for `ORDER BY id`); a dump reads them all, so its query is planned like COPY's. The setting
+/// is the transaction's own and does not outlive it.
+#[test]
+fn the_query_is_planned_for_all_its_rows() {
+    let db = typed_db();
+    let host = serve(&db, &[]);
+    // The first FETCH is one row, the next the other two: both see the setting.
+    let q = "select current_setting('cursor_tuple_fraction') from generate_series(1, 3)";
+    let r = dump(&host, "", q);
+    assert_ok(&r, "text/tab-separated-values");
+    assert_eq!(r.text(), "1\n1\n1\n");
+    let r = console(
+        &host,
+        serde_json::json!(["select current_setting('cursor_tuple_fraction') as f"]),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!([{ "f": "0.1" }]));
+}
+
 #[test]
 fn a_10_mb_value_and_1m_rows() {
     let db = TestDb::new();
