@@ -54,9 +54,9 @@ pub enum RowText {
     Record,
 }
 
-/// Built-in types whose cast to text is their output function (an I/O conversion): int2/4/8,
-/// oid, float4/8, numeric, date, time, timetz, timestamp, timestamptz, interval, uuid. Not bool
-/// (its cast says `true`, COPY `t`), nor domains or other types, whose casts may differ.
+/// Built-in types whose output is ASCII and never holds a backslash, whatever the settings
+/// (DateStyle, IntervalStyle, extra_float_digits): int2/4/8, oid, float4/8, numeric, date,
+/// time, timetz, timestamp, timestamptz, interval, uuid.
 const PLAIN_TYPES: &[u32] = &[
     20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114, 1184, 1186, 2950,
 ];
@@ -157,12 +157,15 @@ pub fn line_select(d: &Described) -> Option<String> {
         .enumerate()
         .map(|(i, t)| {
             let c = format!("q.c{}", i + 1);
-            // `::text` is the output function for the plain types and skips calling it by
-            // name, whose cstring result costs one more copy on its way to text.
+            // The plain types' output is ASCII without a backslash, which `byteain` takes as
+            // it is: their output function's cstring becomes the bytes in one step.
+            if PLAIN_TYPES.contains(&t.oid) {
+                let bytes = format!("pg_catalog.byteain({}({c}))", t.output);
+                return format!("coalesce({bytes}, E'\\\\x{NULL:02x}'::bytea)");
+            }
             let text = match t.oid {
                 TEXT => c,
                 VARCHAR => format!("{c}::text"),
-                oid if PLAIN_TYPES.contains(&oid) => format!("{c}::text"),
                 _ => format!("{}({c})::text", t.output),
             };
             // `textsend` is the text's bytes as they are, which in a UTF8 database are UTF-8;
@@ -650,7 +653,7 @@ mod tests {
             format!(
                 "(coalesce(pg_catalog.textsend(q.c1), {null}){sep}\
                  (coalesce(pg_catalog.textsend(pg_catalog.boolout(q.c2)::text), {null}){sep}\
-                 coalesce(pg_catalog.textsend(q.c3::text), {null})))"
+                 coalesce(pg_catalog.byteain(pg_catalog.int8out(q.c3)), {null})))"
             )
         );
         // Other encodings convert to UTF-8; SQL_ASCII can't promise valid UTF-8 at all.
@@ -678,7 +681,7 @@ mod tests {
         let many = record(vec![col(23, false, "pg_catalog.int4out"); 150]);
         let sql = line_select(&many).unwrap();
         assert_eq!(sql.matches("xff").count(), 149);
-        assert!((1..=150).all(|i| sql.contains(&format!("(q.c{i}::text)"))));
+        assert!((1..=150).all(|i| sql.contains(&format!("int4out(q.c{i}))"))));
         assert_eq!(sql.matches('(').count(), sql.matches(')').count());
         assert_eq!(
             positional("SELECT * FROM ", "select 1, 2", 2, " x"),
