@@ -157,25 +157,25 @@ pub fn line_select(d: &Described) -> Option<String> {
         .enumerate()
         .map(|(i, t)| {
             let c = format!("q.c{}", i + 1);
-            // The plain types' output is ASCII without a backslash, which `byteain` takes as
-            // it is: their output function's cstring becomes the bytes in one step.
-            if PLAIN_TYPES.contains(&t.oid) {
-                let bytes = format!("pg_catalog.byteain({}({c}))", t.output);
-                return format!("coalesce({bytes}, E'\\\\x{NULL:02x}'::bytea)");
-            }
-            let text = match t.oid {
-                TEXT => c,
-                VARCHAR => format!("{c}::text"),
-                _ => format!("{}({c})::text", t.output),
-            };
-            // `textsend` is the text's bytes as they are, which in a UTF8 database are UTF-8;
-            // other encodings convert. E'' literals read the same whatever
-            // standard_conforming_strings says.
-            let bytes = if d.encoding == "UTF8" {
-                format!("pg_catalog.textsend({text})")
+            let bytes = if PLAIN_TYPES.contains(&t.oid) {
+                // ASCII without a backslash, which `byteain` takes as it is: the output
+                // function's cstring becomes the bytes in one step (no text in between).
+                format!("pg_catalog.byteain({}({c}))", t.output)
             } else {
-                format!("pg_catalog.convert_to({text}, 'UTF8')")
+                let text = match t.oid {
+                    TEXT => c,
+                    VARCHAR => format!("{c}::text"),
+                    _ => format!("{}({c})::text", t.output),
+                };
+                // `textsend` is the text's bytes as they are, which in a UTF8 database are
+                // UTF-8; other encodings convert.
+                if d.encoding == "UTF8" {
+                    format!("pg_catalog.textsend({text})")
+                } else {
+                    format!("pg_catalog.convert_to({text}, 'UTF8')")
+                }
             };
+            // E'' literals read the same whatever standard_conforming_strings says.
             format!("coalesce({bytes}, E'\\\\x{NULL:02x}'::bytea)")
         })
         .collect();
