@@ -191,3 +191,37 @@ fn results_over_128_mib_fail_the_query() {
     );
     assert!(out.contains("val DbValue::Int32(1048576)"), "{out}");
 }
+
+#[test]
+fn a_cursor_drains_page_by_page_and_counts_every_value() {
+    let host = start_fixture(true);
+    // 1000 rows of 1..4 digits (9 + 90*2 + 900*3 + 1*4 = 2893 bytes) over pages of 300: the
+    // last page is short, and a page boundary on the last row ends cleanly too.
+    let select = "SELECT g::text FROM generate_series(1, 1000) g";
+    assert_eq!(
+        get(
+            &host,
+            &format!("/pg-drain?{}", enc(&format!("300 {select}")))
+        ),
+        "rows 1000 bytes 2893\n"
+    );
+    assert_eq!(
+        get(
+            &host,
+            &format!("/pg-drain?{}", enc(&format!("250 {select}")))
+        ),
+        "rows 1000 bytes 2893\n"
+    );
+    // bytea values count by their length.
+    let out = get(
+        &host,
+        &format!(
+            "/pg-drain?{}",
+            enc("7 SELECT pg_catalog.textsend(repeat('x', g)) FROM generate_series(1, 10) g")
+        ),
+    );
+    assert_eq!(out, "rows 10 bytes 55\n");
+    // A query that fails is an error, not a short count.
+    let out = get(&host, &format!("/pg-drain?{}", enc("5 SELECT 1/0")));
+    assert!(out.starts_with("error: "), "{out}");
+}
