@@ -656,6 +656,18 @@ mod tests {
                  coalesce(pg_catalog.byteain(pg_catalog.int8out(q.c3)), {null})))"
             )
         );
+        // The bench's floor row runs this select list for its query (text, bigint,
+        // timestamptz, text) outside the component: it must be what `$dump-sql` runs.
+        let bench = parse_types(
+            "UTF8|25 b pg_catalog.textout,20 b pg_catalog.int8out,\
+             1184 b pg_catalog.timestamptz_out,25 b pg_catalog.textout",
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            line_select(&bench).unwrap(),
+            include_str!("../scripts/bench.d/floor-select.sql").trim_end()
+        );
         // Other encodings convert to UTF-8; SQL_ASCII can't promise valid UTF-8 at all.
         let latin1 = parse_types("LATIN1|25 b pg_catalog.textout", 1).unwrap();
         assert_eq!(
